@@ -1,0 +1,3 @@
+"""certctl: declarative certificate-lifecycle reconciler."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from certctl.cli import main
+
+main()

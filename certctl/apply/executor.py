@@ -1,0 +1,632 @@
+"""The apply executor: carries a plan out with bounded concurrency, journaling intent
+before every side effect and recording every outcome.
+
+Per certificate, in order: issue/renew (journal key + issuer payload, then issue,
+then record the version), then deploy to each placement (journal, stage, commit,
+verify, record; restore on failure), or revoke / retire. Certificates run
+concurrently up to ``concurrency``; one failure never stops unrelated actions.
+
+Crash safety: an issue intent holds the new key (encrypted) and the issuer's payload
+(e.g. the serial). A run killed at any point leaves either no intent (nothing
+happened), an open intent (the next run resumes with the same key and payload, so
+nothing is issued twice), or a recorded version. Files are only ever replaced by
+rename, so a target never holds a half-written file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+from certctl import pki
+from certctl.apply.groupwriter import GroupWriter
+from certctl.connectors import Issuer, IssueRequest, Material, Staged, Target
+from certctl.errors import CertctlError, PermanentError, TransientError
+from certctl.faults import Failpoints
+from certctl.model import (
+    Action,
+    ActionKind,
+    Certificate,
+    CertRecord,
+    DeploymentRecord,
+    Inventory,
+    Plan,
+    SecretBytes,
+    StateSnapshot,
+    VersionRecord,
+)
+from certctl.plan.planner import profile_digest, profile_for, spec_digest
+from certctl.state.base import (
+    AuditEvent,
+    Batch,
+    CertUpdate,
+    IntentRecord,
+    NewVersion,
+    Revocation,
+    StateStore,
+    StoredIntent,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ApplySettings:
+    concurrency: int = 25
+    retries: int = 3  # attempts for TransientError within one run
+    retry_base_s: float = 1.0
+    max_retry_delay_s: float = 30.0
+    backoff_base_s: int = 3600  # across runs: 1h * 2^(n-1)
+    backoff_cap_s: int = 24 * 3600
+
+
+@dataclass
+class ActionResult:
+    action: Action
+    ok: bool
+    error: str | None = None
+
+
+@dataclass
+class ApplyReport:
+    run_id: int
+    results: list[ActionResult] = field(default_factory=list)
+    transactions: int = 0
+
+    @property
+    def failed(self) -> list[ActionResult]:
+        return [r for r in self.results if not r.ok]
+
+    def done_counts(self) -> dict[str, int]:
+        out = {k.value: 0 for k in ActionKind}
+        for r in self.results:
+            if r.ok:
+                out[r.action.kind.value] += 1
+        return out
+
+
+class Connectors(Protocol):
+    """What the executor needs from the engine: connector instances by inventory name."""
+
+    def issuer(self, name: str) -> Issuer: ...
+
+    def target(self, name: str) -> Target: ...
+
+
+def error_text(exc: BaseException) -> str:
+    if isinstance(exc, CertctlError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Executor:
+    def __init__(
+        self,
+        inventory: Inventory,
+        snapshot: StateSnapshot,
+        store: StateStore,
+        connectors: Connectors,
+        clock: Callable[[], datetime],
+        settings: ApplySettings = ApplySettings(),
+        *,
+        holder: str = "certctl",
+        on_progress: Callable[[int, int], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.inv = inventory
+        self.snapshot = snapshot
+        self.store = store
+        self.conns = connectors
+        self.clock = clock
+        self.settings = settings
+        self.holder = holder
+        self.on_progress = on_progress
+        self.sleep = sleep
+        self.writer = GroupWriter(store)
+        self.run_id = 0
+        self._done = 0
+        self._total = 0
+        self._resumable: dict[str, StoredIntent] = {}
+        self._deploy_intents: dict[tuple[str, str], str] = {}
+        self._materials: dict[tuple[str, int], tuple[bytes, bytes, SecretBytes | None]] = {}
+        self.faults = Failpoints()
+
+    # ------------------------------------------------------------------ run
+    async def run(self, plan: Plan) -> ApplyReport:
+        self.run_id = await asyncio.to_thread(
+            self.store.begin_run,
+            "apply",
+            self.holder,
+            {"input_digest": plan.input_digest, "actions": len(plan.actions)},
+        )
+        report = ApplyReport(self.run_id)
+        status = "failed"
+        try:
+            await self._recover(plan)
+            groups = _group_by_cert(plan.actions)
+            self._total = len(plan.actions)
+            queue: asyncio.Queue[list[Action]] = asyncio.Queue()
+            for g in groups:
+                queue.put_nowait(g)
+            workers = [
+                asyncio.create_task(self._worker(queue, report))
+                for _ in range(max(1, min(self.settings.concurrency, len(groups) or 1)))
+            ]
+            await asyncio.gather(*workers)
+            await self.writer.write(
+                Batch(
+                    audit=[
+                        AuditEvent(
+                            "apply.finish",
+                            run_id=self.run_id,
+                            detail={
+                                "done": report.done_counts(),
+                                "failed": len(report.failed),
+                            },
+                        )
+                    ]
+                )
+            )
+            status = "ok" if not report.failed else "failed"
+        finally:
+            report.transactions = self.writer.transactions
+            summary = {"done": report.done_counts(), "failed": len(report.failed)}
+            await asyncio.to_thread(self.store.finish_run, self.run_id, status, summary)
+        return report
+
+    async def _recover(self, plan: Plan) -> None:
+        """Resume what a killed run left half done."""
+        intents = await asyncio.to_thread(self.store.open_intents)
+        planned_issue = {
+            a.cert for a in plan.actions if a.kind in (ActionKind.ISSUE, ActionKind.RENEW)
+        }
+        close: list[tuple[str, str]] = []
+        for it in intents:
+            if it.action in ("issue", "renew") and it.cert in planned_issue:
+                if it.cert in self._resumable:
+                    close.append((self._resumable[it.cert].id, "superseded"))
+                self._resumable[it.cert] = it
+            else:
+                # Deploys and revokes are re-planned from what the targets/issuers say.
+                close.append((it.id, "interrupted"))
+        if close:
+            await self.writer.write(
+                Batch(
+                    closed_intents=close,
+                    audit=[
+                        AuditEvent(
+                            "apply.recover",
+                            run_id=self.run_id,
+                            detail={"closed": len(close), "resumed": len(self._resumable)},
+                        )
+                    ],
+                )
+            )
+
+    async def _worker(self, queue: asyncio.Queue[list[Action]], report: ApplyReport) -> None:
+        while True:
+            try:
+                group = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            await self._run_group(group, report)
+
+    def _progress(self, n: int = 1) -> None:
+        self._done += n
+        if self.on_progress is not None:
+            self.on_progress(self._done, self._total)
+
+    # ------------------------------------------------------------ one certificate
+    async def _run_group(self, actions: list[Action], report: ApplyReport) -> None:
+        name = actions[0].cert
+        issue = next((a for a in actions if a.kind in (ActionKind.ISSUE, ActionKind.RENEW)), None)
+        deploys = [a for a in actions if a.kind is ActionKind.DEPLOY]
+        others = [a for a in actions if a.kind in (ActionKind.REVOKE, ActionKind.RETIRE)]
+
+        material: Material | None = None
+        if issue is not None:
+            try:
+                material = await self._issue(issue, [d.placement or "" for d in deploys])
+                report.results.append(ActionResult(issue, True))
+            except Exception as exc:
+                msg = error_text(exc)
+                log.debug("issue %s failed", name, exc_info=True)
+                await self._record_issue_failure(issue, exc)
+                report.results.append(ActionResult(issue, False, msg))
+                for d in deploys:
+                    report.results.append(
+                        ActionResult(d, False, f"not deployed: {issue.kind.value} failed")
+                    )
+                self._progress(1 + len(deploys))
+                return
+            self._progress()
+        if deploys:
+            if material is None:
+                try:
+                    material = await self._current_material(name)
+                except Exception as exc:
+                    for d in deploys:
+                        report.results.append(ActionResult(d, False, error_text(exc)))
+                    self._progress(len(deploys))
+                    return
+            results = await asyncio.gather(
+                *(self._deploy(d, material, journaled=issue is not None) for d in deploys)
+            )
+            report.results.extend(results)
+            self._progress(len(deploys))
+        for a in others:
+            try:
+                if a.kind is ActionKind.REVOKE:
+                    await self._revoke(a)
+                else:
+                    await self._retire(a)
+                report.results.append(ActionResult(a, True))
+            except Exception as exc:
+                log.debug("%s %s failed", a.kind.value, name, exc_info=True)
+                report.results.append(ActionResult(a, False, error_text(exc)))
+                await self.writer.write(
+                    Batch(
+                        audit=[
+                            AuditEvent(
+                                f"{a.kind.value}.failed",
+                                cert=name,
+                                run_id=self.run_id,
+                                detail={"error": error_text(exc)},
+                            )
+                        ]
+                    )
+                )
+            self._progress()
+
+    # ------------------------------------------------------------------ issue
+    async def _issue(self, action: Action, placements: list[str]) -> Material:
+        name = action.cert
+        cert = self.inv.certificates[name]
+        if cert.key.custody != "controller":
+            raise PermanentError(
+                f"{name}: key custody {cert.key.custody!r} needs a target that generates "
+                "keys on the host; none of this certificate's targets can"
+            )
+        profile = profile_for(self.inv, cert)
+        issuer = self.conns.issuer(cert.issuer)
+        record = self.snapshot.certs.get(name)
+        resumed = self._resumable.pop(name, None)
+
+        if resumed is not None and resumed.key_pem is not None:
+            key = pki.load_key_pem(resumed.key_pem.reveal())
+            key_pem = resumed.key_pem
+            req = IssueRequest(cert, profile, key, key.public_key())
+            payload: Mapping[str, Any] = resumed.payload
+            intent_id = resumed.id
+        else:
+            key, key_pem = await self._new_or_reused_key(cert, record)
+            req = IssueRequest(cert, profile, key, key.public_key())
+            payload = issuer.prepare(req)
+            intent_id = uuid.uuid4().hex
+            await self.writer.write(
+                Batch(
+                    intents=[
+                        IntentRecord(
+                            intent_id, name, action.kind.value, None, dict(payload), key_pem
+                        )
+                    ]
+                )
+            )
+
+        self.faults.hit("after_issue_intent")
+        issued = await self._with_retries(lambda: issuer.issue(req, payload))
+        self.faults.hit("after_issue")
+        prev = record.current.version if record is not None and record.current else 0
+        version = VersionRecord(
+            cert=name,
+            version=prev + 1,
+            serial=issued.serial,
+            not_before=issued.not_before,
+            not_after=issued.not_after,
+            fingerprint=issued.fingerprint,
+            issuer=cert.issuer,
+            key_spec=cert.key.id,
+            names=cert.names,
+            profile_digest=profile_digest(cert, profile),
+            key_custody=cert.key.custody,
+        )
+        deploy_intents = [
+            IntentRecord(
+                uuid.uuid4().hex,
+                name,
+                "deploy",
+                pid,
+                {"version": version.version, "fingerprint": version.fingerprint},
+            )
+            for pid in placements
+        ]
+        for it in deploy_intents:
+            self._deploy_intents[(name, it.placement or "")] = it.id
+        await self.writer.write(
+            Batch(
+                intents=deploy_intents,
+                closed_intents=[(intent_id, "issued")],
+                cert_updates=[
+                    CertUpdate(
+                        name,
+                        failures=0,
+                        clear_next_attempt=True,
+                        force_renew=False,
+                        spec_digest=spec_digest(cert, profile),
+                        retired=False,
+                    )
+                ],
+                versions=[
+                    NewVersion(
+                        version,
+                        issued.cert_pem,
+                        issued.chain_pem,
+                        key_pem,
+                        revoke_on_remove=cert.revoke_on_remove,
+                    )
+                ],
+                audit=[
+                    AuditEvent(
+                        action.kind.value,
+                        cert=name,
+                        run_id=self.run_id,
+                        detail={
+                            "version": version.version,
+                            "serial": version.serial,
+                            "not_after": version.not_after.isoformat(),
+                            "issuer": cert.issuer,
+                            "reasons": [r.code for r in action.reasons],
+                            "resumed": resumed is not None,
+                        },
+                    )
+                ],
+            )
+        )
+        self.faults.hit("after_version")
+        return Material(
+            name,
+            version.version,
+            version.fingerprint,
+            issued.cert_pem,
+            issued.chain_pem,
+            key_pem,
+        )
+
+    async def _new_or_reused_key(
+        self, cert: Certificate, record: CertRecord | None
+    ) -> tuple[Any, SecretBytes]:
+        cur = record.current if record is not None else None
+        if (
+            cert.key.rotation == "never"
+            and cur is not None
+            and cur.key_spec == cert.key.id
+            and cur.key_custody == "controller"
+        ):
+            _, _, old = await asyncio.to_thread(self.store.material, cert.name, cur.version)
+            if old is not None:
+                return pki.load_key_pem(old.reveal()), old
+        key = pki.generate_key(cert.key)
+        return key, pki.key_to_pem(key)
+
+    async def _record_issue_failure(self, action: Action, exc: BaseException) -> None:
+        name = action.cert
+        cert = self.inv.certificates[name]
+        record = self.snapshot.certs.get(name)
+        failures = (record.failures if record is not None else 0) + 1
+        delay = min(self.settings.backoff_base_s * 2 ** (failures - 1), self.settings.backoff_cap_s)
+        if isinstance(exc, TransientError) and exc.retry_after:
+            delay = max(delay, int(exc.retry_after))
+        closed = []
+        resumed = self._resumable.pop(name, None)
+        if resumed is not None:
+            closed.append((resumed.id, "failed"))
+        await self.writer.write(
+            Batch(
+                closed_intents=closed,
+                cert_updates=[
+                    CertUpdate(
+                        name,
+                        failures=failures,
+                        next_attempt_at=self.clock() + timedelta(seconds=delay),
+                        spec_digest=spec_digest(cert, profile_for(self.inv, cert)),
+                    )
+                ],
+                audit=[
+                    AuditEvent(
+                        f"{action.kind.value}.failed",
+                        cert=name,
+                        run_id=self.run_id,
+                        detail={"error": error_text(exc), "failures": failures},
+                    )
+                ],
+            )
+        )
+
+    async def _with_retries(self, fn: Callable[[], Awaitable[T]]) -> T:
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except TransientError as exc:
+                attempt += 1
+                if attempt >= self.settings.retries:
+                    raise
+                delay = exc.retry_after or self.settings.retry_base_s * 2 ** (attempt - 1)
+                await self.sleep(min(delay, self.settings.max_retry_delay_s))
+
+    # ----------------------------------------------------------------- deploy
+    async def _current_material(self, name: str) -> Material:
+        record = self.snapshot.certs.get(name)
+        if record is None or record.current is None:
+            raise PermanentError(f"{name}: nothing issued to deploy")
+        cur = record.current
+        if (name, cur.version) in self._materials:
+            cert_pem, chain_pem, key_pem = self._materials.pop((name, cur.version))
+        else:
+            cert_pem, chain_pem, key_pem = await asyncio.to_thread(
+                self.store.material, name, cur.version
+            )
+        return Material(name, cur.version, cur.fingerprint, cert_pem, chain_pem, key_pem)
+
+    def preload_materials(self, plan: Plan) -> None:
+        """Batch-load what deploy-only actions need (one query, not one per action)."""
+        wanted = set()
+        issuing = {a.cert for a in plan.actions if a.kind in (ActionKind.ISSUE, ActionKind.RENEW)}
+        for a in plan.actions:
+            if a.kind is ActionKind.DEPLOY and a.cert not in issuing:
+                rec = self.snapshot.certs.get(a.cert)
+                if rec is not None and rec.current is not None:
+                    wanted.add((a.cert, rec.current.version))
+        self._materials = self.store.materials(sorted(wanted)) if wanted else {}
+
+    async def _deploy(self, action: Action, material: Material, *, journaled: bool) -> ActionResult:
+        name = action.cert
+        pid = action.placement or ""
+        cert = self.inv.certificates[name]
+        placement = next((p for p in cert.placements if p.id == pid), None)
+        if placement is None:
+            return ActionResult(action, False, f"{name}: no placement {pid!r} in the inventory")
+        intent_id = self._deploy_intents.pop((name, pid), None) if journaled else None
+        if intent_id is None:
+            intent_id = uuid.uuid4().hex
+            await self.writer.write(
+                Batch(
+                    intents=[
+                        IntentRecord(
+                            intent_id,
+                            name,
+                            "deploy",
+                            pid,
+                            {"version": material.version, "fingerprint": material.fingerprint},
+                        )
+                    ]
+                )
+            )
+        target = self.conns.target(placement.target)
+        staged: Staged | None = None
+        try:
+            staged = await target.stage(placement, material)
+            self.faults.hit("after_stage")
+            files = await target.commit(staged)
+            self.faults.hit("after_commit")
+            await target.verify(staged)
+        except Exception as exc:
+            msg = error_text(exc)
+            log.debug("deploy %s -> %s failed", name, pid, exc_info=True)
+            rollback_error = ""
+            if staged is not None:
+                try:
+                    await target.rollback(staged)
+                except Exception as rexc:
+                    rollback_error = error_text(rexc)
+            await self.writer.write(
+                Batch(
+                    closed_intents=[(intent_id, "failed")],
+                    audit=[
+                        AuditEvent(
+                            "deploy.failed",
+                            cert=name,
+                            placement=pid,
+                            run_id=self.run_id,
+                            detail={"error": msg, "rollback_error": rollback_error},
+                        )
+                    ],
+                )
+            )
+            return ActionResult(
+                action, False, msg + (f"; rollback: {rollback_error}" if rollback_error else "")
+            )
+        record = DeploymentRecord(
+            cert=name,
+            placement=pid,
+            version=material.version,
+            fingerprint=material.fingerprint,
+            files=files,
+            status="deployed",
+            deployed_at=self.clock(),
+            config_digest=placement.config_digest(),
+        )
+        await self.writer.write(
+            Batch(
+                closed_intents=[(intent_id, "deployed")],
+                deployments=[record],
+                audit=[
+                    AuditEvent(
+                        "deploy",
+                        cert=name,
+                        placement=pid,
+                        run_id=self.run_id,
+                        detail={
+                            "version": material.version,
+                            "fingerprint": material.fingerprint,
+                            "reasons": [r.code for r in action.reasons],
+                        },
+                    )
+                ],
+            )
+        )
+        return ActionResult(action, True)
+
+    # ----------------------------------------------------------- revoke/retire
+    async def _revoke(self, action: Action) -> None:
+        name = action.cert
+        record = self.snapshot.certs.get(name)
+        if record is None or record.current is None:
+            raise PermanentError(f"{name}: nothing issued to revoke")
+        cur = record.current
+        reason = str(action.details.get("revocation_reason", "unspecified"))
+        retire = bool(action.details.get("retire", False))
+        issuer = self.conns.issuer(cur.issuer)
+        intent_id = uuid.uuid4().hex
+        await self.writer.write(
+            Batch(
+                intents=[
+                    IntentRecord(
+                        intent_id, name, "revoke", None, {"serial": cur.serial, "reason": reason}
+                    )
+                ]
+            )
+        )
+        await self._with_retries(lambda: issuer.revoke(cur, reason))
+        now = self.clock()
+        await self.writer.write(
+            Batch(
+                closed_intents=[(intent_id, "revoked")],
+                revocations=[Revocation(name, cur.version, reason, now)],
+                cert_updates=[CertUpdate(name, retired=True)] if retire else [],
+                audit=[
+                    AuditEvent(
+                        "revoke",
+                        cert=name,
+                        run_id=self.run_id,
+                        detail={
+                            "serial": cur.serial,
+                            "version": cur.version,
+                            "reason": reason,
+                            "retired": retire,
+                        },
+                    )
+                ],
+            )
+        )
+
+    async def _retire(self, action: Action) -> None:
+        await self.writer.write(
+            Batch(
+                cert_updates=[CertUpdate(action.cert, retired=True)],
+                audit=[AuditEvent("retire", cert=action.cert, run_id=self.run_id)],
+            )
+        )
+
+
+def _group_by_cert(actions: tuple[Action, ...]) -> list[list[Action]]:
+    groups: dict[str, list[Action]] = {}
+    for a in actions:
+        groups.setdefault(a.cert, []).append(a)
+    return list(groups.values())

@@ -1,0 +1,434 @@
+"""The ``certctl`` command line. Thin: parse, call the engine, render, exit code.
+
+Exit codes: 0 success (or no changes with ``--detailed-exitcode``), 1 error or a failed
+action, 2 changes present (``plan --detailed-exitcode``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from certctl import __version__
+from certctl.apply.executor import ApplyReport, ApplySettings
+from certctl.engine import Engine, default_holder
+from certctl.errors import CertctlError
+from certctl.model import Plan
+from certctl.plan.planner import PlanOptions, count_line
+from certctl.plan.render import plan_from_json, render, render_json, render_text
+
+REVOCATION_REASONS = (
+    "unspecified",
+    "keyCompromise",
+    "cACompromise",
+    "affiliationChanged",
+    "superseded",
+    "cessationOfOperation",
+    "certificateHold",
+    "privilegeWithdrawn",
+    "aACompromise",
+)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(1)
+
+
+class _Group(click.Group):
+    """Turns every CertctlError into one clear line on stderr and exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CertctlError as exc:
+            _fail(str(exc))
+        finally:
+            eng = ctx.obj.get("engine") if isinstance(ctx.obj, dict) else None
+            if isinstance(eng, Engine):
+                eng.close()
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-i",
+    "--inventory",
+    "inventory",
+    type=click.Path(path_type=Path),
+    default=Path("inventory"),
+    show_default=True,
+    help="Inventory file or directory.",
+)
+@click.option(
+    "--state",
+    "state",
+    envvar="CERTCTL_STATE",
+    default=None,
+    help="State store URL (postgresql://... or a SQLite path). "
+    "Default: SQLite in .certctl/ next to the inventory. Env: CERTCTL_STATE.",
+)
+@click.option("--pool-size", default=4, show_default=True, help="PostgreSQL pool size.")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.version_option(__version__, prog_name="certctl")
+@click.pass_context
+def cli(
+    ctx: click.Context, inventory: Path, state: str | None, pool_size: int, verbose: int
+) -> None:
+    """Declarative certificate lifecycle: YAML inventory -> plan -> apply."""
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(verbose, 2), format="%(levelname)s %(name)s: %(message)s"
+    )
+    ctx.ensure_object(dict)
+    ctx.obj["engine"] = Engine(inventory_path=inventory, state_url=state, pool_size=pool_size)
+
+
+def _engine(ctx: click.Context) -> Engine:
+    eng = ctx.obj["engine"]
+    assert isinstance(eng, Engine)
+    return eng
+
+
+@cli.command()
+@click.pass_context
+def validate(ctx: click.Context) -> None:
+    """Load and check the inventory (schema, references, policies). Changes nothing."""
+    inv = _engine(ctx).inventory()
+    placements = sum(len(c.placements) for c in inv.certificates.values())
+    click.echo(
+        f"{_engine(ctx).inventory_path}: valid: {len(inv.certificates)} certificates, "
+        f"{len(inv.issuers)} issuers, {len(inv.targets)} targets ({placements} placements), "
+        f"{len(inv.files)} files"
+    )
+
+
+@cli.command("plan")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text")
+@click.option("--out", type=click.Path(path_type=Path), help="Save the plan (JSON) for apply.")
+@click.option(
+    "--detailed-exitcode", is_flag=True, help="Exit 0 with no changes, 2 with changes, 1 on error."
+)
+@click.option("--force-renew", "force", multiple=True, help="Plan a renewal of NAME regardless.")
+@click.pass_context
+def plan_cmd(
+    ctx: click.Context, fmt: str, out: Path | None, detailed_exitcode: bool, force: tuple[str, ...]
+) -> None:
+    """Show what apply would do, and why."""
+    eng = _engine(ctx)
+    _check_names(eng, force)
+    plan, _ = eng.plan(PlanOptions(force=frozenset(force)))
+    click.echo(render(plan, fmt), nl=False)
+    if out is not None:
+        out.write_text(render_json(plan), encoding="utf-8")
+        click.echo(f"\nSaved the plan to {out}; apply it with: certctl apply {out}", err=True)
+    if detailed_exitcode and plan.has_changes:
+        sys.exit(2)
+
+
+def _check_names(eng: Engine, names: tuple[str, ...]) -> None:
+    inv = eng.inventory()
+    unknown = [n for n in names if n not in inv.certificates]
+    if unknown:
+        raise CertctlError(f"unknown certificate(s): {', '.join(unknown)}")
+
+
+def _progress_callback() -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    task = progress.add_task("applying", total=None)
+    progress.start()
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return update, progress.stop
+
+
+def _print_report(plan: Plan, report: ApplyReport) -> None:
+    done = report.done_counts()
+    click.echo(
+        f"Apply complete: {done['issue']} issued, {done['renew']} renewed, "
+        f"{done['deploy']} deployed, {done['revoke']} revoked, {done['retire']} retired; "
+        f"{len(report.failed)} failed. (run {report.run_id})"
+    )
+    for r in report.failed:
+        a = r.action
+        where = f" -> {a.placement}" if a.placement else ""
+        click.echo(f"  FAILED {a.kind.value} {a.cert}{where}: {r.error}", err=True)
+
+
+@cli.command()
+@click.argument("planfile", required=False, type=click.Path(path_type=Path, exists=True))
+@click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--concurrency", default=25, show_default=True, type=click.IntRange(1, 10000))
+@click.pass_context
+def apply(ctx: click.Context, planfile: Path | None, auto_approve: bool, concurrency: int) -> None:
+    """Carry out the plan (or a saved PLANFILE, refused if stale)."""
+    eng = _engine(ctx)
+    saved = None
+    if planfile is not None:
+        saved = plan_from_json(planfile.read_text(encoding="utf-8"), str(planfile))
+    _run_apply(eng, saved, PlanOptions(), auto_approve or saved is not None, concurrency)
+
+
+def _run_apply(
+    eng: Engine, saved: Plan | None, options: PlanOptions, auto_approve: bool, concurrency: int
+) -> None:
+    def confirm(plan: Plan) -> bool:
+        click.echo(render_text(plan), nl=False)
+        if auto_approve:
+            return True
+        if not sys.stdin.isatty():
+            raise CertctlError(
+                "apply needs confirmation: run it on a terminal, pass --auto-approve, "
+                "or apply a saved plan file"
+            )
+        answer = click.prompt(
+            "\nDo you want to perform these actions? Only 'yes' will be accepted", default=""
+        )
+        return bool(answer.strip() == "yes")
+
+    update, stop = _progress_callback()
+    try:
+        plan, report = eng.apply(
+            saved,
+            options=options,
+            settings=ApplySettings(concurrency=concurrency),
+            holder=default_holder(),
+            confirm=confirm,
+            on_progress=update,
+        )
+    finally:
+        stop()
+    if report is None:
+        if plan.actions:
+            click.echo("Apply cancelled.")
+        else:
+            click.echo(render_text(plan), nl=False)
+        return
+    _print_report(plan, report)
+    if report.failed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Renew even if not due.")
+@click.option("--concurrency", default=25, show_default=True, type=click.IntRange(1, 10000))
+@click.pass_context
+def renew(ctx: click.Context, name: str, force: bool, concurrency: int) -> None:
+    """Renew one certificate now if due (or always with --force), and deploy it."""
+    eng = _engine(ctx)
+    _check_names(eng, (name,))
+    opts = PlanOptions(force=frozenset([name]) if force else frozenset(), only=frozenset([name]))
+    _run_apply(eng, None, opts, True, concurrency)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--reason", type=click.Choice(REVOCATION_REASONS), default="unspecified")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def revoke(ctx: click.Context, name: str, reason: str, yes: bool) -> None:
+    """Revoke the current certificate of NAME through its issuer."""
+    from certctl.model import Action, ActionKind, Reason
+
+    eng = _engine(ctx)
+    snap = eng.store().snapshot()
+    rec = snap.certs.get(name)
+    if rec is None or rec.current is None:
+        raise CertctlError(f"{name}: no issued certificate to revoke")
+    if rec.current.status == "revoked":
+        click.echo(f"{name}: serial {rec.current.serial} is already revoked")
+        return
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Revoke {name} (serial {rec.current.serial}) for {reason}?", abort=True)
+    action = Action(
+        ActionKind.REVOKE,
+        name,
+        (Reason("forced", f"revoked by hand ({reason})"),),
+        details={"revocation_reason": reason, "version": rec.current.version, "retire": False},
+    )
+    plan = Plan(actions=(action,), input_digest="", created_at=eng.clock())
+    store = eng.store()
+    store.acquire_apply_lock(default_holder())
+    try:
+        import asyncio
+
+        from certctl.apply.executor import Executor
+
+        ex = Executor(eng.inventory(), snap, store, eng, eng.clock, holder=default_holder())
+        report = asyncio.run(ex.run(plan))
+    finally:
+        store.release_apply_lock()
+    if report.failed:
+        _fail(report.failed[0].error or "revocation failed")
+    click.echo(
+        f"Revoked {name} serial {rec.current.serial} ({reason}). The next plan will issue a "
+        "replacement unless the inventory marks it `revoked: true`."
+    )
+
+
+def _cert_status(rec_current: Any, now: datetime, retired: bool) -> str:
+    if retired:
+        return "retired"
+    if rec_current is None:
+        return "not issued"
+    if rec_current.status == "revoked":
+        return "revoked"
+    if rec_current.not_after <= now:
+        return "expired"
+    return "valid"
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.pass_context
+def status(ctx: click.Context, fmt: str) -> None:
+    """What the state store knows: every certificate, version, expiry, deployments."""
+    eng = _engine(ctx)
+    snap = eng.store().snapshot()
+    now = datetime.now(UTC)
+    deployed: dict[str, int] = {}
+    for (cert, _), dep in snap.deployments.items():
+        if dep.status == "deployed":
+            deployed[cert] = deployed.get(cert, 0) + 1
+    rows = []
+    for name in sorted(snap.certs):
+        rec = snap.certs[name]
+        cur = rec.current
+        rows.append(
+            {
+                "name": name,
+                "status": _cert_status(cur, now, rec.retired),
+                "version": cur.version if cur else None,
+                "serial": cur.serial if cur else None,
+                "issuer": cur.issuer if cur else None,
+                "not_after": cur.not_after.isoformat() if cur else None,
+                "days_left": (cur.not_after - now).days if cur else None,
+                "deployments": deployed.get(name, 0),
+                "failures": rec.failures,
+            }
+        )
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("No certificates in state yet. Run `certctl plan` and `certctl apply`.")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"certctl state ({len(rows)} certificates)")
+    for col in ("name", "status", "version", "issuer", "not_after", "days_left", "deployments"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(str(r[c]) if r[c] is not None else "-" for c in table_cols()))
+    Console().print(table)
+
+
+def table_cols() -> tuple[str, ...]:
+    return ("name", "status", "version", "issuer", "not_after", "days_left", "deployments")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def show(ctx: click.Context, name: str, fmt: str) -> None:
+    """Decode NAME's current certificate (never its key) and list its versions."""
+    from cryptography import x509
+
+    from certctl import pki
+
+    eng = _engine(ctx)
+    store = eng.store()
+    versions = store.versions(name)
+    if not versions:
+        raise CertctlError(f"{name}: not in state (never issued)")
+    cur = versions[0]
+    cert_pem, chain_pem, _ = store.material(name, cur.version)
+    info = pki.describe(x509.load_pem_x509_certificate(cert_pem))
+    snap = store.snapshot()
+    deps = [
+        {
+            "placement": d.placement,
+            "version": d.version,
+            "status": d.status,
+            "files": {role: f.path for role, f in d.files.items()},
+        }
+        for (c, _), d in sorted(snap.deployments.items())
+        if c == name
+    ]
+    data = {
+        "name": name,
+        "certificate": info,
+        "chain_length": len(pki.parse_pem_chain(chain_pem)) if chain_pem else 0,
+        "versions": [
+            {
+                "version": v.version,
+                "serial": v.serial,
+                "status": v.status,
+                "not_after": v.not_after.isoformat(),
+                "fingerprint": v.fingerprint,
+            }
+            for v in versions
+        ],
+        "deployments": deps,
+    }
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    click.echo(f"{name} (version {cur.version}, {cur.status})")
+    for key, value in info.items():
+        click.echo(f"  {key}: {value}")
+    click.echo("  versions:")
+    for v in data["versions"]:
+        click.echo(f"    v{v['version']} serial {v['serial']} {v['status']} until {v['not_after']}")
+    click.echo("  deployments:")
+    for d in deps:
+        click.echo(f"    {d['placement']}: v{d['version']} {d['status']}")
+
+
+@cli.group()
+def db() -> None:
+    """State store maintenance."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Apply pending schema migrations (under a lock)."""
+    from certctl.state import describe_url
+
+    eng = _engine(ctx.find_root())
+    store = eng.store()
+    applied = store.migrate()
+    where = describe_url(eng.state_url or "") if eng.state_url else "embedded SQLite"
+    if applied:
+        click.echo(f"{where}: applied {', '.join(applied)}")
+    click.echo(f"{where}: schema version {store.schema_version()}")
+
+
+def main() -> None:
+    cli(prog_name="certctl")
+
+
+__all__ = ["cli", "count_line", "main"]

@@ -1,0 +1,314 @@
+"""The planner: a pure function of (inventory, observed state, clock) -> Plan.
+
+No I/O happens here; every decision about what to issue, renew, deploy, revoke or
+retire -- and why -- is made in this module and testable with a fake clock.
+
+Renewal checks run in a fixed order and every applicable reason is listed, the first
+one being the primary (cert-manager's trigger order): not issued, issuer changed, key
+spec changed, names changed, profile changed, forced, expired, inside the renewal
+window. Issuing and deploying are separate actions: a new target, a missing or
+changed file deploys the existing certificate without reissuing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from certctl.model import (
+    Action,
+    ActionKind,
+    Certificate,
+    CertRecord,
+    Inventory,
+    Observed,
+    Plan,
+    Profile,
+    Reason,
+    TargetState,
+    VersionRecord,
+    stable_digest,
+)
+from certctl.plan import reasons as R
+
+#: The renewal moment is pulled earlier by up to this fraction of the renewal window,
+#: deterministically per certificate, so a fleet issued together does not renew together.
+JITTER_FRACTION = 0.1
+
+DEFAULT_PROFILE = Profile(name="default")
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    force: frozenset[str] = frozenset()  # certificate names to renew regardless
+    only: frozenset[str] | None = None  # restrict the plan to these certificates
+
+
+def profile_for(inv: Inventory, cert: Certificate) -> Profile:
+    return inv.profiles.get(cert.profile) or DEFAULT_PROFILE
+
+
+def profile_digest(cert: Certificate, profile: Profile) -> str:
+    """What, besides names/issuer/key, shapes the issued certificate."""
+    return stable_digest({"profile": profile.digest(), "ttl": cert.ttl_s})[:16]
+
+
+def spec_digest(cert: Certificate, profile: Profile) -> str:
+    """Changes to this digest lift an issuance backoff (the user fixed something)."""
+    return stable_digest(
+        {
+            "issuer": cert.issuer,
+            "key": cert.key.id,
+            "names": sorted(cert.names),
+            "profile": profile_digest(cert, profile),
+        }
+    )[:16]
+
+
+def renewal_time(cert: Certificate, version: VersionRecord) -> datetime:
+    """When this version should be renewed, jitter included."""
+    lifetime = (version.not_after - version.not_before).total_seconds()
+    rb = cert.renew_before
+    if rb.seconds is not None:
+        window = float(min(rb.seconds, lifetime))
+    else:
+        window = lifetime * (rb.fraction if rb.fraction is not None else 1 / 3)
+    seed = hashlib.sha256(f"{cert.name}:{version.serial}".encode()).digest()
+    jitter = int.from_bytes(seed[:8], "big") / 2**64 * JITTER_FRACTION * window
+    return version.not_after - timedelta(seconds=window + jitter)
+
+
+def plan(
+    inv: Inventory,
+    observed: Observed,
+    now: datetime,
+    options: PlanOptions = PlanOptions(),
+) -> Plan:
+    actions: list[Action] = []
+    skipped: dict[str, str] = {}
+    certs = observed.state.certs
+    only = options.only
+
+    for name in sorted(inv.certificates):
+        if only is not None and name not in only:
+            continue
+        cert = inv.certificates[name]
+        record = certs.get(name)
+        actions.extend(_plan_certificate(inv, cert, record, observed, now, options, skipped))
+
+    for name in sorted(certs):
+        if name in inv.certificates or (only is not None and name not in only):
+            continue
+        record = certs[name]
+        if record.retired:
+            continue
+        actions.append(_plan_removed(record))
+
+    digest = stable_digest(
+        {
+            "inventory": inv.digest,
+            "observed": observed.digest(),
+            "force": sorted(options.force),
+            "only": sorted(only) if only is not None else None,
+        }
+    )
+    return Plan(actions=tuple(actions), input_digest=digest, created_at=now, skipped=skipped)
+
+
+def _plan_certificate(
+    inv: Inventory,
+    cert: Certificate,
+    record: CertRecord | None,
+    observed: Observed,
+    now: datetime,
+    options: PlanOptions,
+    skipped: dict[str, str],
+) -> list[Action]:
+    current = record.current if record is not None and not record.retired else None
+
+    if cert.revoked:
+        if current is not None and current.status != "revoked":
+            return [
+                Action(
+                    ActionKind.REVOKE,
+                    cert.name,
+                    (R.reason(R.REVOKED_IN_INVENTORY, reason=cert.revoke_reason),),
+                    details={
+                        "revocation_reason": cert.revoke_reason,
+                        "version": current.version,
+                        "serial": current.serial,
+                        "retire": False,
+                    },
+                )
+            ]
+        return []
+
+    profile = profile_for(inv, cert)
+    issue_reasons = list(_issue_reasons(cert, profile, record, current, now, options))
+    if issue_reasons:
+        held = _backoff(cert, profile, record, now)
+        if held is not None:
+            skipped[cert.name] = held
+            return []
+        kind = ActionKind.ISSUE if current is None else ActionKind.RENEW
+        details: dict[str, object] = {"names": list(cert.names), "issuer": cert.issuer}
+        if current is not None:
+            details.update(
+                previous_version=current.version,
+                previous_serial=current.serial,
+                previous_not_after=current.not_after.isoformat(),
+            )
+        out = [Action(kind, cert.name, tuple(issue_reasons), details=details)]
+        for p in cert.placements:
+            out.append(
+                Action(
+                    ActionKind.DEPLOY,
+                    cert.name,
+                    (R.reason(R.NEW_VERSION),),
+                    placement=p.id,
+                    details={"target": p.target, "host": p.host, "after": kind.value},
+                )
+            )
+        return out
+
+    assert current is not None
+    out = []
+    for p in cert.placements:
+        why = _deploy_reason(cert.name, p.id, current, observed)
+        if why is not None:
+            out.append(
+                Action(
+                    ActionKind.DEPLOY,
+                    cert.name,
+                    (why,),
+                    placement=p.id,
+                    details={"target": p.target, "host": p.host, "version": current.version},
+                )
+            )
+    return out
+
+
+def _issue_reasons(
+    cert: Certificate,
+    profile: Profile,
+    record: CertRecord | None,
+    current: VersionRecord | None,
+    now: datetime,
+    options: PlanOptions,
+) -> Iterable[Reason]:
+    if current is None:
+        yield R.reason(R.NOT_ISSUED)
+        return
+    if current.status == "revoked":
+        yield R.reason(R.CURRENT_REVOKED, serial=current.serial)
+    if current.issuer != cert.issuer:
+        yield R.reason(R.ISSUER_CHANGED, old=current.issuer, new=cert.issuer)
+    if current.key_spec != cert.key.id:
+        yield R.reason(R.KEY_CHANGED, old=current.key_spec, new=cert.key.id)
+    if sorted(current.names) != sorted(cert.names):
+        added = sorted(set(cert.names) - set(current.names))
+        removed = sorted(set(current.names) - set(cert.names))
+        yield R.reason(R.NAMES_CHANGED, change=_names_change(added, removed))
+    if current.profile_digest != profile_digest(cert, profile):
+        yield R.reason(R.PROFILE_CHANGED, profile=profile.name)
+    if cert.name in options.force or (record is not None and record.force_renew):
+        yield R.reason(R.FORCED)
+    if now >= current.not_after:
+        yield R.reason(R.EXPIRED, not_after=current.not_after.isoformat())
+    else:
+        due = renewal_time(cert, current)
+        if now >= due:
+            left = current.not_after - now
+            yield R.reason(
+                R.RENEWAL_WINDOW,
+                left=_human(left),
+                renew_before=cert.renew_before.describe(),
+            )
+
+
+def _backoff(
+    cert: Certificate, profile: Profile, record: CertRecord | None, now: datetime
+) -> str | None:
+    """Hold back a certificate whose issuance keeps failing, unless its spec changed."""
+    if record is None or record.failures <= 0 or record.next_attempt_at is None:
+        return None
+    if record.spec_digest is not None and record.spec_digest != spec_digest(cert, profile):
+        return None
+    if record.force_renew or now >= record.next_attempt_at:
+        return None
+    return (
+        f"backing off after {record.failures} failed attempt(s); "
+        f"next attempt after {record.next_attempt_at.isoformat()}"
+    )
+
+
+def _deploy_reason(
+    cert: str, placement: str, current: VersionRecord, observed: Observed
+) -> Reason | None:
+    dep = observed.state.deployments.get((cert, placement))
+    obs = observed.targets.get((cert, placement))
+    if obs is not None:
+        if obs.state is TargetState.MATCH:
+            if dep is None or dep.fingerprint != current.fingerprint:
+                return R.reason(R.NOT_RECORDED)
+            return None
+        if obs.state is TargetState.UNKNOWN:
+            return None
+        if obs.state is TargetState.MISSING:
+            if dep is None:
+                return R.reason(R.NEW_TARGET)
+            return R.reason(R.MISSING_ON_TARGET, detail=obs.detail or "files are missing")
+        return R.reason(R.CONTENT_DIFFERS, detail=obs.detail or "content differs")
+    # Not observed (the target cannot be read back): trust the deployment record.
+    if dep is None:
+        return R.reason(R.NEW_TARGET)
+    if dep.status != "deployed":
+        return R.reason(R.LAST_DEPLOY_FAILED)
+    if dep.fingerprint != current.fingerprint:
+        return R.reason(R.OUTDATED_ON_TARGET, version=dep.version)
+    return None
+
+
+def _plan_removed(record: CertRecord) -> Action:
+    cur = record.current
+    if record.revoke_on_remove and cur is not None and cur.status == "active":
+        return Action(
+            ActionKind.REVOKE,
+            record.name,
+            (R.reason(R.REMOVED_REVOKE),),
+            details={
+                "revocation_reason": "cessationOfOperation",
+                "version": cur.version,
+                "serial": cur.serial,
+                "retire": True,
+            },
+        )
+    return Action(ActionKind.RETIRE, record.name, (R.reason(R.REMOVED),))
+
+
+def _names_change(added: list[str], removed: list[str]) -> str:
+    parts = []
+    if added:
+        parts.append("+" + ", +".join(added))
+    if removed:
+        parts.append("-" + ", -".join(removed))
+    return ", ".join(parts)
+
+
+def _human(delta: timedelta) -> str:
+    secs = int(delta.total_seconds())
+    if secs >= 86400:
+        return f"{secs // 86400}d"
+    if secs >= 3600:
+        return f"{secs // 3600}h"
+    return f"{max(secs, 0) // 60}m"
+
+
+def count_line(counts: Mapping[str, int]) -> str:
+    return (
+        f"Plan: {counts.get('issue', 0)} to issue, {counts.get('renew', 0)} to renew, "
+        f"{counts.get('deploy', 0)} to deploy, {counts.get('revoke', 0)} to revoke, "
+        f"{counts.get('retire', 0)} to retire."
+    )

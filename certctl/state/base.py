@@ -1,0 +1,215 @@
+"""The state store interface. Two backends implement it with identical semantics:
+:mod:`certctl.state.sqlite` (embedded default) and :mod:`certctl.state.postgres`.
+
+Design rules:
+
+* Reads the planner needs come in one call, :meth:`StateStore.snapshot`, served by a
+  handful of batch queries (never one query per certificate).
+* Every write goes through :meth:`StateStore.write` with a :class:`Batch`, which is
+  applied in ONE transaction and bumps the store's ``generation`` counter. The
+  executor groups many actions into one batch (group commit).
+* Private keys are encrypted (AES-GCM) before they reach either database; the
+  plaintext only exists in memory, wrapped in :class:`certctl.model.SecretBytes`.
+* The apply lock names its holder; a second holder fails fast with
+  :class:`certctl.errors.LockedError`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from certctl.model import (
+    DeploymentRecord,
+    SecretBytes,
+    StateSnapshot,
+    VersionRecord,
+)
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """A freshly issued certificate version to record (becomes the current one)."""
+
+    record: VersionRecord  # version number assigned by the executor (previous + 1)
+    cert_pem: bytes
+    chain_pem: bytes
+    key_pem: SecretBytes | None  # None when the key lives on the target
+    revoke_on_remove: bool = False
+
+
+@dataclass(frozen=True)
+class IntentRecord:
+    """Journal entry written BEFORE a side effect."""
+
+    id: str  # uuid4 hex
+    cert: str
+    action: str  # issue | renew | deploy | revoke
+    placement: str | None = None
+    payload: Mapping[str, Any] = field(default_factory=dict)  # JSON-able, no secrets
+    key_pem: SecretBytes | None = None  # the new key for an issue/renew, stored encrypted
+
+
+@dataclass(frozen=True)
+class CertUpdate:
+    """Changes to a certificate row (created if missing)."""
+
+    name: str
+    failures: int | None = None
+    next_attempt_at: datetime | None = None
+    clear_next_attempt: bool = False
+    spec_digest: str | None = None
+    retired: bool | None = None
+    force_renew: bool | None = None
+    revoke_on_remove: bool | None = None
+
+
+@dataclass(frozen=True)
+class Revocation:
+    cert: str
+    version: int
+    reason: str
+    revoked_at: datetime
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    event: str  # e.g. issue, renew, deploy, revoke, retire, apply.start, apply.finish
+    cert: str | None = None
+    placement: str | None = None
+    run_id: int | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)  # JSON-able, no secrets
+    at: datetime | None = None  # default: the store's clock
+
+
+@dataclass
+class Batch:
+    """Writes applied together in one transaction, in this field order."""
+
+    intents: list[IntentRecord] = field(default_factory=list)
+    closed_intents: list[tuple[str, str]] = field(default_factory=list)  # (id, outcome)
+    cert_updates: list[CertUpdate] = field(default_factory=list)
+    versions: list[NewVersion] = field(default_factory=list)
+    deployments: list[DeploymentRecord] = field(default_factory=list)
+    revocations: list[Revocation] = field(default_factory=list)
+    audit: list[AuditEvent] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return any(
+            (
+                self.intents,
+                self.closed_intents,
+                self.cert_updates,
+                self.versions,
+                self.deployments,
+                self.revocations,
+                self.audit,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class StoredIntent:
+    """An open journal entry with its decrypted key (for resuming an issue)."""
+
+    id: str
+    cert: str
+    action: str
+    placement: str | None
+    payload: Mapping[str, Any]
+    key_pem: SecretBytes | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    kind: str
+    holder: str
+    started_at: datetime
+    finished_at: datetime | None
+    status: str  # running | ok | failed | crashed
+    summary: Mapping[str, Any]
+
+
+class StateStore(abc.ABC):
+    """Abstract state store. See module docstring for the rules."""
+
+    url: str
+
+    # --- lifecycle -------------------------------------------------------
+    @abc.abstractmethod
+    def migrate(self) -> list[str]:
+        """Apply pending migrations under a lock; return the names applied."""
+
+    @abc.abstractmethod
+    def schema_version(self) -> int:
+        """Highest applied migration number (0 when none)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    # --- locking ---------------------------------------------------------
+    @abc.abstractmethod
+    def acquire_apply_lock(self, holder: str) -> None:
+        """Take the apply lock or raise LockedError naming the current holder.
+
+        The lock dies with the process (PostgreSQL session advisory lock; SQLite: a
+        lock row tied to a pid + an OS file lock), so a SIGKILLed apply never leaves
+        it stuck.
+        """
+
+    @abc.abstractmethod
+    def release_apply_lock(self) -> None: ...
+
+    # --- reads -----------------------------------------------------------
+    @abc.abstractmethod
+    def snapshot(self) -> StateSnapshot:
+        """All certificates with their current version, all deployments, the open
+        journal intents, and the generation counter -- in a few batch queries."""
+
+    @abc.abstractmethod
+    def versions(self, cert: str) -> list[VersionRecord]:
+        """Every version of one certificate, newest first."""
+
+    @abc.abstractmethod
+    def material(self, cert: str, version: int) -> tuple[bytes, bytes, SecretBytes | None]:
+        """(cert_pem, chain_pem, decrypted key or None) of one version."""
+
+    @abc.abstractmethod
+    def materials(
+        self, keys: Sequence[tuple[str, int]]
+    ) -> dict[tuple[str, int], tuple[bytes, bytes, SecretBytes | None]]:
+        """Batch form of :meth:`material`."""
+
+    @abc.abstractmethod
+    def open_intents(self) -> list[StoredIntent]:
+        """Open journal entries, with their keys decrypted, oldest first."""
+
+    @abc.abstractmethod
+    def runs(self, limit: int = 20) -> list[RunRecord]: ...
+
+    @abc.abstractmethod
+    def audit_log(self, limit: int = 100, cert: str | None = None) -> list[dict[str, Any]]:
+        """Newest first: {id, at, event, cert, placement, run_id, detail}."""
+
+    # --- writes ----------------------------------------------------------
+    @abc.abstractmethod
+    def write(self, batch: Batch) -> None:
+        """Apply the batch in one transaction; bump the generation."""
+
+    @abc.abstractmethod
+    def begin_run(self, kind: str, holder: str, detail: Mapping[str, Any]) -> int: ...
+
+    @abc.abstractmethod
+    def finish_run(self, run_id: int, status: str, summary: Mapping[str, Any]) -> None: ...
+
+    # --- issuer vault (see certctl.connectors.IssuerVault) ---------------
+    @abc.abstractmethod
+    def get(self, issuer: str, key: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    def put(self, issuer: str, key: str, value: bytes, *, secret: bool) -> None: ...

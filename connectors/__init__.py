@@ -1,0 +1,1 @@
+"""Built-in certctl connectors (installed as ``certctl_connectors``)."""

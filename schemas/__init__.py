@@ -1,0 +1,1 @@
+"""JSON Schemas of the inventory kinds and of the plan (installed as ``certctl_schemas``)."""

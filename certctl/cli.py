@@ -248,32 +248,38 @@ def renew(ctx: click.Context, name: str, force: bool, concurrency: int) -> None:
 @click.pass_context
 def revoke(ctx: click.Context, name: str, reason: str, yes: bool) -> None:
     """Revoke the current certificate of NAME through its issuer."""
+    import asyncio
+
+    from certctl.apply.executor import Executor
     from certctl.model import Action, ActionKind, Reason
 
     eng = _engine(ctx)
-    snap = eng.store().snapshot()
-    rec = snap.certs.get(name)
-    if rec is None or rec.current is None:
-        raise CertctlError(f"{name}: no issued certificate to revoke")
-    if rec.current.status == "revoked":
-        click.echo(f"{name}: serial {rec.current.serial} is already revoked")
-        return
-    if not yes and sys.stdin.isatty():
-        click.confirm(f"Revoke {name} (serial {rec.current.serial}) for {reason}?", abort=True)
-    action = Action(
-        ActionKind.REVOKE,
-        name,
-        (Reason("forced", f"revoked by hand ({reason})"),),
-        details={"revocation_reason": reason, "version": rec.current.version, "retire": False},
-    )
-    plan = Plan(actions=(action,), input_digest="", created_at=eng.clock())
     store = eng.store()
     store.acquire_apply_lock(default_holder())
     try:
-        import asyncio
-
-        from certctl.apply.executor import Executor
-
+        # Read the state under the lock: a concurrent renewal cannot slip in between.
+        snap = store.snapshot()
+        rec = snap.certs.get(name)
+        if rec is None or rec.current is None:
+            raise CertctlError(f"{name}: no issued certificate to revoke")
+        if rec.current.status == "revoked":
+            click.echo(f"{name}: serial {rec.current.serial} is already revoked")
+            return
+        if not yes and sys.stdin.isatty():
+            click.confirm(
+                f"Revoke {name} (serial {rec.current.serial}) for {reason}?", abort=True
+            )
+        action = Action(
+            ActionKind.REVOKE,
+            name,
+            (Reason("forced", f"revoked by hand ({reason})"),),
+            details={
+                "revocation_reason": reason,
+                "version": rec.current.version,
+                "retire": False,
+            },
+        )
+        plan = Plan(actions=(action,), input_digest="", created_at=eng.clock())
         ex = Executor(eng.inventory(), snap, store, eng, eng.clock, holder=default_holder())
         report = asyncio.run(ex.run(plan))
     finally:
@@ -377,20 +383,21 @@ def show(ctx: click.Context, name: str, fmt: str) -> None:
         for (c, _), d in sorted(snap.deployments.items())
         if c == name
     ]
+    version_rows = [
+        {
+            "version": v.version,
+            "serial": v.serial,
+            "status": v.status,
+            "not_after": v.not_after.isoformat(),
+            "fingerprint": v.fingerprint,
+        }
+        for v in versions
+    ]
     data = {
         "name": name,
         "certificate": info,
         "chain_length": len(pki.parse_pem_chain(chain_pem)) if chain_pem else 0,
-        "versions": [
-            {
-                "version": v.version,
-                "serial": v.serial,
-                "status": v.status,
-                "not_after": v.not_after.isoformat(),
-                "fingerprint": v.fingerprint,
-            }
-            for v in versions
-        ],
+        "versions": version_rows,
         "deployments": deps,
     }
     if fmt == "json":
@@ -400,7 +407,7 @@ def show(ctx: click.Context, name: str, fmt: str) -> None:
     for key, value in info.items():
         click.echo(f"  {key}: {value}")
     click.echo("  versions:")
-    for v in data["versions"]:
+    for v in version_rows:
         click.echo(f"    v{v['version']} serial {v['serial']} {v['status']} until {v['not_after']}")
     click.echo("  deployments:")
     for d in deps:

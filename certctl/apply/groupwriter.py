@@ -51,13 +51,32 @@ class GroupWriter:
             try:
                 await asyncio.to_thread(self._store.write, merge([p for p, _ in group]))
                 self.transactions += 1
-            except BaseException as exc:
-                for _, fut in group:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
+            except Exception as exc:
+                if len(group) == 1:
+                    _settle(group, exc)
+                else:
+                    # One bad part must not fail its neighbours: retry them one by one
+                    # so only the part that really fails gets the error.
+                    for part, fut in group:
+                        try:
+                            await asyncio.to_thread(self._store.write, part)
+                            self.transactions += 1
+                        except Exception as part_exc:
+                            _settle([(part, fut)], part_exc)
+                        else:
+                            _settle([(part, fut)], None)
                 continue
-            for _, fut in group:
-                if not fut.done():
-                    fut.set_result(None)
+            except BaseException as exc:
+                _settle(group, exc)
+                raise
+            _settle(group, None)
+
+
+def _settle(group: list[tuple[Batch, asyncio.Future[None]]], exc: BaseException | None) -> None:
+    for _, fut in group:
+        if fut.done():
+            continue
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)

@@ -209,4 +209,6 @@ def test_second_apply_is_refused_while_locked(workspace: Workspace) -> None:
     finally:
         holder.kill()
         holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
     assert ws.run("apply", "--auto-approve").code == 0

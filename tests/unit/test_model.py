@@ -98,3 +98,29 @@ def test_group_writer_propagates_failures() -> None:
         assert all(isinstance(r, OSError) for r in results)
 
     asyncio.run(main())
+
+
+def test_group_writer_isolates_a_failing_part(tmp_path: Path) -> None:
+    """Against the real SQLite store: a part the database refuses fails alone."""
+    from certctl.state import open_store
+    from certctl.state.base import IntentRecord
+
+    store = open_store(None, inventory_root=tmp_path)
+
+    async def main() -> list[object]:
+        gw = GroupWriter(store)
+        dup = IntentRecord("same-id", "a", "issue")
+        parts = [Batch(intents=[IntentRecord(f"id{i}", f"c{i}", "issue")]) for i in range(5)]
+        return await asyncio.gather(
+            gw.write(Batch(intents=[dup])),
+            *(gw.write(p) for p in parts[:2]),
+            gw.write(Batch(intents=[dup])),  # primary key clash with the first
+            *(gw.write(p) for p in parts[2:]),
+            return_exceptions=True,
+        )
+
+    results = asyncio.run(main())
+    failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+    assert failed == [3]
+    assert {i.id for i in store.open_intents()} == {"same-id"} | {f"id{i}" for i in range(5)}
+    store.close()

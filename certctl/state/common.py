@@ -1,0 +1,624 @@
+"""What both state backends share: the state directory, migrations, the encoding of
+rows, the folding of a :class:`~certctl.state.base.Batch` into bulk statements, and
+the lazy, verified state key.
+
+The backends differ only in how they talk to their database; every rule about what a
+write means lives here once, so SQLite and PostgreSQL cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import gc
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from certctl.errors import StateError
+from certctl.model import (
+    CertRecord,
+    DeploymentRecord,
+    FileRecord,
+    OpenIntent,
+    Secret,
+    SecretBytes,
+    StateSnapshot,
+    VersionRecord,
+)
+from certctl.state import crypto
+from certctl.state.base import Batch, RunRecord, StateStore, StoredIntent
+
+STATE_DIR = ".certctl"
+#: Chunk size for IN-lists / unnest arrays of batch reads.
+READ_CHUNK = 500
+
+# ---------------------------------------------------------------------------
+# state directory
+
+
+def ensure_state_dir(path: Path, *, gitignore: bool) -> Path:
+    """Create the state directory private (0700); optionally with a ``.gitignore`` of
+    ``*`` so the state never gets committed alongside the inventory."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"cannot create the state directory {path}: {exc.strerror}") from None
+    if not path.is_dir():
+        raise StateError(f"{path} is not a directory")
+    if gitignore:
+        ignore = path / ".gitignore"
+        if not ignore.exists():
+            try:
+                fd = os.open(
+                    ignore,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o644,
+                )
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise StateError(f"cannot write {ignore}: {exc.strerror}") from None
+            else:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write("*\n")
+    return path
+
+
+# ---------------------------------------------------------------------------
+# migrations
+
+
+@dataclass(frozen=True)
+class Migration:
+    number: int
+    name: str  # file stem, e.g. "0001_initial"
+    sql: str
+
+
+def load_migrations(backend: str) -> list[Migration]:
+    """The packaged migrations of one backend (``sqlite`` or ``postgres``), in order."""
+    folder = resources.files("certctl.state").joinpath("migrations").joinpath(backend)
+    out: list[Migration] = []
+    for entry in folder.iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        stem = entry.name[: -len(".sql")]
+        head = stem.split("_", 1)[0]
+        if not head.isdigit():
+            raise StateError(f"migration file {entry.name} does not start with a number")
+        out.append(Migration(int(head), stem, entry.read_text(encoding="utf-8")))
+    out.sort(key=lambda m: m.number)
+    numbers = [m.number for m in out]
+    if len(set(numbers)) != len(numbers):
+        raise StateError(f"duplicate {backend} migration numbers: {numbers}")
+    return out
+
+
+def check_not_newer(applied: int, known: Sequence[Migration], where: str) -> None:
+    latest = known[-1].number if known else 0
+    if applied > latest:
+        raise StateError(
+            f"{where} has schema version {applied}, newer than this certctl knows "
+            f"({latest}); upgrade certctl"
+        )
+
+
+# ---------------------------------------------------------------------------
+# values
+
+
+def utc(dt: datetime) -> datetime:
+    """The same instant in UTC. A naive datetime is taken to be UTC already."""
+    if dt.tzinfo is None:
+        return dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC)
+
+
+def ts_text(dt: datetime | None) -> str | None:
+    """SQLite timestamp encoding: fixed-width ISO-8601 in UTC with microseconds, so it
+    round-trips exactly and sorts as text."""
+    if dt is None:
+        return None
+    return utc(dt).isoformat(timespec="microseconds")
+
+
+def ts_parse(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def ts_native(dt: datetime | None) -> datetime | None:
+    """PostgreSQL timestamp encoding: a tz-aware datetime (timestamptz)."""
+    return None if dt is None else utc(dt)
+
+
+def ts_from_pg(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (Secret, SecretBytes)):
+        raise StateError("refusing to store a secret value in a JSON column of the state")
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    if isinstance(obj, (tuple, set, frozenset)):
+        return list(obj)
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def dump_json(obj: Any) -> str:
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise StateError(f"cannot store a value in the state: {exc}") from None
+
+
+def load_json(value: Any) -> Any:
+    """Decode one JSON column value (text; objects pass through unchanged)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, bytearray)):
+        return json.loads(value)
+    return value
+
+
+def load_json_column(values: Sequence[str | None]) -> list[Any]:
+    """Decode many small JSON texts at once.
+
+    One ``json.loads`` over ``[v1,v2,...]`` is several times faster than one call per
+    value (the per-call overhead dominates for small documents), which matters for a
+    snapshot of 10,000+ rows. Each value was written by :func:`dump_json`, so it is one
+    complete JSON document and splicing them into an array is safe.
+    """
+    if not values:
+        return []
+    return list(json.loads("[" + ",".join("null" if v is None else v for v in values) + "]"))
+
+
+def files_to_json(files: Mapping[str, FileRecord]) -> str:
+    """``{role: [path, sha256, size, mtime_ns]}``: compact, because a snapshot decodes
+    one of these per deployment (10,000+)."""
+    return dump_json({role: [f.path, f.sha256, f.size, f.mtime_ns] for role, f in files.items()})
+
+
+def files_from_data(data: Mapping[str, Sequence[Any]] | None) -> dict[str, FileRecord]:
+    if not data:
+        return {}
+    return {role: FileRecord(f[0], f[1], f[2], f[3]) for role, f in data.items()}
+
+
+TsDecode = Callable[[Any], datetime | None]
+TsEncode = Callable[[datetime | None], Any]
+
+
+def _required(value: datetime | None) -> datetime:
+    if value is None:
+        raise StateError("the state holds a row without a required timestamp")
+    return value
+
+
+def version_from_row(
+    row: Sequence[Any], ts: TsDecode, offset: int = 0, names: Any = None
+) -> VersionRecord:
+    """Build a VersionRecord from the VERSION_COLUMNS of a row, starting at ``offset``.
+    ``names`` is the already decoded names column, when the caller decoded in bulk."""
+    o = offset
+    if names is None:
+        names = load_json(row[o + 8])
+    return VersionRecord(
+        row[o],
+        int(row[o + 1]),
+        row[o + 2],
+        _required(ts(row[o + 3])),
+        _required(ts(row[o + 4])),
+        row[o + 5],
+        row[o + 6],
+        row[o + 7],
+        tuple(names or ()),
+        row[o + 9],
+        row[o + 10],
+        row[o + 11],
+        ts(row[o + 12]),
+        row[o + 13],
+    )
+
+
+# SELECT lists shared by both backends. JSON columns are read as text (CAST works on
+# both) so they can be decoded in bulk; see load_json_column.
+VERSION_COLUMNS = (
+    "cert, version, serial, not_before, not_after, fingerprint, issuer, key_spec, "
+    "CAST(names AS TEXT), profile_digest, status, key_custody, revoked_at, revocation_reason"
+)
+SNAPSHOT_CERTS_SQL = (
+    "SELECT c.name, c.revoke_on_remove, c.retired, c.failures, c.next_attempt_at, "
+    "c.spec_digest, c.force_renew, "
+    "v.cert, v.version, v.serial, v.not_before, v.not_after, v.fingerprint, v.issuer, "
+    "v.key_spec, CAST(v.names AS TEXT), v.profile_digest, v.status, v.key_custody, "
+    "v.revoked_at, v.revocation_reason "
+    "FROM certificates c LEFT JOIN certificate_versions v "
+    "ON v.cert = c.name AND v.version = c.current_version"
+)
+SNAPSHOT_DEPLOYMENTS_SQL = (
+    "SELECT cert, placement, version, fingerprint, CAST(files AS TEXT), status, deployed_at, "
+    "config_digest FROM deployments"
+)
+OPEN_INTENTS_SQL = (
+    "SELECT id, run_id, cert, action, placement, CAST(payload AS TEXT), created_at, key_enc "
+    "FROM journal WHERE closed_at IS NULL ORDER BY created_at, seq"
+)
+
+
+def build_snapshot(
+    cert_rows: Sequence[Sequence[Any]],
+    deployment_rows: Sequence[Sequence[Any]],
+    intent_rows: Sequence[Sequence[Any]],
+    generation: int,
+    ts: TsDecode,
+) -> StateSnapshot:
+    """Turn the rows of the three snapshot queries into a StateSnapshot."""
+    certs: dict[str, CertRecord] = {}
+    all_names = load_json_column([r[15] for r in cert_rows])
+    for row, names in zip(cert_rows, all_names, strict=True):
+        current = version_from_row(row, ts, 7, names) if row[7] is not None else None
+        certs[row[0]] = CertRecord(
+            row[0],
+            current,
+            bool(row[1]),
+            bool(row[2]),
+            int(row[3]),
+            ts(row[4]),
+            row[5],
+            bool(row[6]),
+        )
+    deployments: dict[tuple[str, str], DeploymentRecord] = {}
+    all_files = load_json_column([r[4] for r in deployment_rows])
+    for row, files in zip(deployment_rows, all_files, strict=True):
+        deployments[(row[0], row[1])] = DeploymentRecord(
+            row[0],
+            row[1],
+            int(row[2]),
+            row[3],
+            files_from_data(files),
+            row[5],
+            ts(row[6]),
+            row[7],
+        )
+    payloads = load_json_column([r[5] for r in intent_rows])
+    intents = tuple(
+        OpenIntent(
+            row[0],
+            int(row[1] or 0),
+            row[2],
+            row[3],
+            row[4],
+            payload or {},
+            _required(ts(row[6])),
+        )
+        for row, payload in zip(intent_rows, payloads, strict=True)
+    )
+    return StateSnapshot(certs, deployments, intents, generation)
+
+
+def run_from_row(row: Sequence[Any], ts: TsDecode) -> RunRecord:
+    return RunRecord(
+        id=int(row[0]),
+        kind=row[1],
+        holder=row[2],
+        started_at=_required(ts(row[3])),
+        finished_at=ts(row[4]),
+        status=row[5],
+        summary=load_json(row[6]) or {},
+    )
+
+
+def audit_from_row(row: Sequence[Any], ts: TsDecode) -> dict[str, Any]:
+    return {
+        "id": int(row[0]),
+        "at": ts(row[1]),
+        "event": row[2],
+        "cert": row[3],
+        "placement": row[4],
+        "run_id": row[5],
+        "detail": load_json(row[6]) or {},
+    }
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while bulk-building records.
+
+    A snapshot of 10,000 certificates allocates a few hundred thousand objects, none of
+    them cyclic garbage; with the collector running, the repeated collections that this
+    triggers cost about a third of the snapshot's time. Reference counting still frees
+    everything as usual. The collector is re-enabled only if it was enabled before, so
+    a caller who turned it off keeps it off (the same technique as Mercurial's nogc).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def chunks(items: Sequence[Any], size: int = READ_CHUNK) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+# ---------------------------------------------------------------------------
+# folding a Batch into bulk statements
+
+
+@dataclass
+class PreparedBatch:
+    """A :class:`Batch` turned into rows for a handful of bulk statements.
+
+    Run in this order (one transaction), they give exactly the Batch semantics:
+
+    1. ``intents``: INSERT journal rows (``id, cert, action, placement, payload,
+       key_enc, created_at, run_id``).
+    2. ``closes``: UPDATE journal SET closed_at, outcome for still-open rows
+       (``closed_at, outcome, id``); the first close of an intent wins.
+    3. ``cert_updates``: create missing certificate rows, then set every field that is
+       not None (``name, failures, next_attempt_at, clear_next_attempt, spec_digest,
+       retired, force_renew, revoke_on_remove``); one row per certificate, later
+       updates in the batch folded over earlier ones.
+    4. ``supersede``: the existing active version of each certificate that gets a new
+       version becomes 'superseded'.
+    5. ``currents``: upsert certificates (``name, current_version, revoke_on_remove``).
+    6. ``versions``: INSERT version rows; the last new version of a certificate in the
+       batch is 'active', any earlier one in the same batch 'superseded'.
+    7. ``deployments``: upsert (last one per (cert, placement) wins).
+    8. ``revocations``: UPDATE versions (``revoked_at, reason, cert, version``).
+    9. ``audit``: INSERT (``at, event, cert, placement, run_id, detail``).
+    """
+
+    intents: list[tuple[Any, ...]] = field(default_factory=list)
+    closes: list[tuple[Any, ...]] = field(default_factory=list)
+    cert_updates: list[tuple[Any, ...]] = field(default_factory=list)
+    supersede: list[str] = field(default_factory=list)
+    currents: list[tuple[Any, ...]] = field(default_factory=list)
+    versions: list[tuple[Any, ...]] = field(default_factory=list)
+    deployments: list[tuple[Any, ...]] = field(default_factory=list)
+    revocations: list[tuple[Any, ...]] = field(default_factory=list)
+    audit: list[tuple[Any, ...]] = field(default_factory=list)
+
+
+def prepare_batch(
+    batch: Batch,
+    *,
+    now: datetime,
+    ts: TsEncode,
+    run_id: int | None,
+    cipher: Callable[[], crypto.StateCipher],
+) -> PreparedBatch:
+    """Encode, encrypt and fold ``batch``. ``cipher`` is only called when a key is
+    present, so a batch without keys never needs the state key."""
+    out = PreparedBatch()
+    now_enc = ts(now)
+
+    for it in batch.intents:
+        key_enc = None
+        if it.key_pem is not None:
+            key_enc = cipher().encrypt(it.key_pem.reveal(), crypto.aad_intent(it.id))
+        out.intents.append(
+            (
+                it.id,
+                it.cert,
+                it.action,
+                it.placement,
+                dump_json(dict(it.payload)),
+                key_enc,
+                now_enc,
+                run_id,
+            )
+        )
+
+    seen_close: set[str] = set()
+    for intent_id, outcome in batch.closed_intents:
+        if intent_id not in seen_close:
+            seen_close.add(intent_id)
+            out.closes.append((now_enc, outcome, intent_id))
+
+    folded: dict[str, dict[str, Any]] = {}
+    for u in batch.cert_updates:
+        d = folded.setdefault(u.name, {"clear": False})
+        for attr in ("failures", "spec_digest", "retired", "force_renew", "revoke_on_remove"):
+            value = getattr(u, attr)
+            if value is not None:
+                d[attr] = value
+        if u.next_attempt_at is not None:
+            d["next_attempt_at"] = ts(u.next_attempt_at)
+            d["clear"] = False
+        if u.clear_next_attempt:  # wins over a value given in the same update
+            d["next_attempt_at"] = None
+            d["clear"] = True
+    for name, d in folded.items():
+        out.cert_updates.append(
+            (
+                name,
+                d.get("failures"),
+                d.get("next_attempt_at"),
+                d["clear"],
+                d.get("spec_digest"),
+                d.get("retired"),
+                d.get("force_renew"),
+                d.get("revoke_on_remove"),
+            )
+        )
+
+    last_of: dict[str, int] = {}
+    for i, nv in enumerate(batch.versions):
+        last_of[nv.record.cert] = i
+    currents: dict[str, tuple[Any, ...]] = {}
+    for i, nv in enumerate(batch.versions):
+        rec = nv.record
+        key_enc = None
+        if nv.key_pem is not None:
+            key_enc = cipher().encrypt(
+                nv.key_pem.reveal(), crypto.aad_version(rec.cert, rec.version)
+            )
+        status = "active" if last_of[rec.cert] == i else "superseded"
+        out.versions.append(
+            (
+                rec.cert,
+                rec.version,
+                rec.serial,
+                ts(rec.not_before),
+                ts(rec.not_after),
+                rec.fingerprint,
+                rec.issuer,
+                rec.key_spec,
+                dump_json(list(rec.names)),
+                rec.profile_digest,
+                status,
+                rec.key_custody,
+                ts(rec.revoked_at),
+                rec.revocation_reason,
+                bytes(nv.cert_pem),
+                bytes(nv.chain_pem),
+                key_enc,
+            )
+        )
+        currents[rec.cert] = (rec.cert, rec.version, bool(nv.revoke_on_remove))
+    out.supersede = list(currents)
+    out.currents = list(currents.values())
+
+    deployments: dict[tuple[str, str], tuple[Any, ...]] = {}
+    for dep in batch.deployments:
+        deployments[(dep.cert, dep.placement)] = (
+            dep.cert,
+            dep.placement,
+            dep.version,
+            dep.fingerprint,
+            files_to_json(dep.files),
+            dep.status,
+            ts(dep.deployed_at),
+            dep.config_digest,
+        )
+    out.deployments = list(deployments.values())
+
+    revocations: dict[tuple[str, int], tuple[Any, ...]] = {}
+    for rv in batch.revocations:
+        revocations[(rv.cert, rv.version)] = (ts(rv.revoked_at), rv.reason, rv.cert, rv.version)
+    out.revocations = list(revocations.values())
+
+    for ev in batch.audit:
+        out.audit.append(
+            (
+                ts(ev.at) if ev.at is not None else now_enc,
+                ev.event,
+                ev.cert,
+                ev.placement,
+                ev.run_id,
+                dump_json(dict(ev.detail)),
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------
+# the shared part of both stores
+
+
+class BaseStore(StateStore):
+    """Key handling and decryption helpers common to both backends.
+
+    The state key is resolved lazily and verified against the check value in ``meta``:
+    a store opened only to plan never needs (or creates) a key, but a key that is
+    present and wrong is refused at open, and every apply checks it when it takes the
+    lock, before any side effect.
+    """
+
+    def __init__(self, key_source: crypto.KeySource, clock: Callable[[], datetime]) -> None:
+        self._keys = key_source
+        self._clock = clock
+        self._cipher_obj: crypto.StateCipher | None = None
+        self._cipher_lock = threading.Lock()
+        self._run_id: int | None = None
+
+    # backends provide these two ------------------------------------------
+    @abc.abstractmethod
+    def _read_key_check(self) -> str | None:
+        """The key check value recorded in meta, or None for a store without one."""
+
+    @abc.abstractmethod
+    def _record_key_check(self, value: str) -> str:
+        """Record ``value`` unless one is already there; return the recorded one."""
+
+    # ---------------------------------------------------------------------
+    def _now(self) -> datetime:
+        return utc(self._clock())
+
+    def verify_key_if_present(self) -> None:
+        """At open: if a key is configured or on disk, check it now (never creates one)."""
+        key = self._keys.find()
+        if key is not None:
+            self._adopt(key)
+
+    def _cipher(self) -> crypto.StateCipher:
+        """The verified cipher; creates the key on first use in a store without one."""
+        if self._cipher_obj is not None:
+            return self._cipher_obj
+        with self._cipher_lock:
+            if self._cipher_obj is not None:
+                return self._cipher_obj
+            key = self._keys.find()
+            if key is None:
+                if self._read_key_check() is not None:
+                    raise StateError(
+                        "this state store holds data encrypted with a state key that is not "
+                        f"available here: set ${crypto.ENV_VAR} or restore {self._keys.path}"
+                    )
+                key = self._keys.find_or_create()
+            return self._adopt(key)
+
+    def _adopt(self, key: bytes) -> crypto.StateCipher:
+        cipher = crypto.StateCipher(key)
+        recorded = self._read_key_check()
+        if recorded is None:
+            recorded = self._record_key_check(cipher.check_value)
+        if recorded != cipher.check_value:
+            raise StateError(
+                f"state key does not match the one this store was created with "
+                f"(key from {self._keys.describe()}); use the original key "
+                f"(${crypto.ENV_VAR} or {self._keys.path})"
+            )
+        self._cipher_obj = cipher
+        return cipher
+
+    def _decrypt(self, blob: bytes | None, aad: bytes) -> SecretBytes | None:
+        if blob is None:
+            return None
+        return SecretBytes(self._cipher().decrypt(bytes(blob), aad))
+
+    def _stored_intent(self, row: Sequence[Any], ts: TsDecode) -> StoredIntent:
+        return StoredIntent(
+            id=row[0],
+            cert=row[2],
+            action=row[3],
+            placement=row[4],
+            payload=load_json(row[5]) or {},
+            key_pem=self._decrypt(row[7], crypto.aad_intent(row[0])),
+            created_at=_required(ts(row[6])),
+        )
+
+    def _material_from_row(
+        self, row: Sequence[Any]
+    ) -> tuple[tuple[str, int], tuple[bytes, bytes, SecretBytes | None]]:
+        """Row (cert, version, cert_pem, chain_pem, key_enc) -> keyed material."""
+        cert, version = row[0], int(row[1])
+        key = self._decrypt(row[4], crypto.aad_version(cert, version))
+        return (cert, version), (bytes(row[2]), bytes(row[3]), key)

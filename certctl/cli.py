@@ -342,16 +342,31 @@ def status(ctx: click.Context, fmt: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"certctl state ({len(rows)} certificates)")
-    for col in ("name", "status", "version", "issuer", "not_after", "days_left", "deployments"):
-        table.add_column(col)
+    table = Table(title=f"certctl state ({len(rows)} certificates)", box=None)
+    for col, _ in STATUS_COLUMNS:
+        table.add_column(col, no_wrap=True)
     for r in rows:
-        table.add_row(*(str(r[c]) if r[c] is not None else "-" for c in table_cols()))
-    Console().print(table)
+        cells = []
+        for _, key in STATUS_COLUMNS:
+            value = r[key]
+            if key == "not_after" and value is not None:
+                value = str(value)[:10]
+            cells.append("-" if value is None else str(value))
+        table.add_row(*cells)
+    Console(width=max(100, Console().width)).print(table)
 
 
-def table_cols() -> tuple[str, ...]:
-    return ("name", "status", "version", "issuer", "not_after", "days_left", "deployments")
+#: (header, row key) of `certctl status`'s table.
+STATUS_COLUMNS = (
+    ("NAME", "name"),
+    ("STATUS", "status"),
+    ("VERSION", "version"),
+    ("ISSUER", "issuer"),
+    ("EXPIRES", "not_after"),
+    ("DAYS LEFT", "days_left"),
+    ("TARGETS", "deployments"),
+    ("FAILURES", "failures"),
+)
 
 
 @cli.command()

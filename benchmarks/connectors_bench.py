@@ -76,7 +76,7 @@ def bench_issue(n: int, root: Path) -> tuple[float, list[Material]]:
             key = pki.generate_key(spec)
             key_pem = pki.key_to_pem(key)
             req = IssueRequest(c, profile, key, key.public_key())
-            issued = await ca.issue(req, ca.prepare(req))
+            issued = await ca.issue(req, await ca.prepare(req))
             out.append(
                 Material(c.name, 1, issued.fingerprint, issued.cert_pem, issued.chain_pem, key_pem)
             )

@@ -125,7 +125,10 @@ def plan_cmd(
     plan, _ = eng.plan(PlanOptions(force=frozenset(force)))
     click.echo(render(plan, fmt), nl=False)
     if out is not None:
-        out.write_text(render_json(plan), encoding="utf-8")
+        try:
+            out.write_text(render_json(plan), encoding="utf-8")
+        except OSError as exc:
+            raise CertctlError(f"cannot write the plan to {out}: {exc.strerror}") from None
         click.echo(f"\nSaved the plan to {out}; apply it with: certctl apply {out}", err=True)
     if detailed_exitcode and plan.has_changes:
         sys.exit(2)
@@ -153,9 +156,11 @@ def _progress_callback() -> tuple[Callable[[int, int], None] | None, Callable[[]
         transient=True,
     )
     task = progress.add_task("applying", total=None)
-    progress.start()
 
     def update(done: int, total: int) -> None:
+        # Started on the first report, i.e. after the confirmation prompt is answered.
+        if not progress.live.is_started:
+            progress.start()
         progress.update(task, completed=done, total=total)
 
     return update, progress.stop
@@ -184,7 +189,12 @@ def apply(ctx: click.Context, planfile: Path | None, auto_approve: bool, concurr
     eng = _engine(ctx)
     saved = None
     if planfile is not None:
-        saved = plan_from_json(planfile.read_text(encoding="utf-8"), str(planfile))
+        try:
+            text = planfile.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise CertctlError(f"cannot read the plan file {planfile}: {reason}") from None
+        saved = plan_from_json(text, str(planfile))
     _run_apply(eng, saved, PlanOptions(), auto_approve or saved is not None, concurrency)
 
 
@@ -242,53 +252,97 @@ def renew(ctx: click.Context, name: str, force: bool, concurrency: int) -> None:
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("names", nargs=-1)
 @click.option("--reason", type=click.Choice(REVOCATION_REASONS), default="unspecified")
+@click.option(
+    "--filter",
+    "filters",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Revoke in bulk: issuer, profile, owner, team, target or host (repeatable).",
+)
+@click.option("--dry-run", is_flag=True, help="List what would be revoked; change nothing.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
-def revoke(ctx: click.Context, name: str, reason: str, yes: bool) -> None:
-    """Revoke the current certificate of NAME through its issuer."""
+def revoke(
+    ctx: click.Context,
+    names: tuple[str, ...],
+    reason: str,
+    filters: tuple[str, ...],
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    """Revoke the current certificate of each NAME (or of every certificate matching
+    the filters) through its issuer; state and audit record it once the issuer has."""
     import asyncio
 
+    from certctl import revocation
     from certctl.apply.executor import Executor
     from certctl.model import Action, ActionKind, Reason
 
     eng = _engine(ctx)
+    wanted = revocation.parse_filters(filters)
     store = eng.store()
+    inv = eng.inventory()
+    if dry_run:
+        chosen = revocation.select(inv, store.snapshot(), names, wanted)
+        for c in chosen:
+            click.echo(
+                f"would revoke {c.name} serial {c.version.serial} (issuer {c.version.issuer}, "
+                f"expires {c.version.not_after.isoformat()}) for {reason}"
+            )
+        click.echo(f"{len(chosen)} certificate(s) would be revoked (dry run: nothing changed).")
+        return
     store.acquire_apply_lock(default_holder())
     try:
-        # Read the state under the lock: a concurrent renewal cannot slip in between.
+        # Select under the lock: a concurrent renewal cannot slip in between.
         snap = store.snapshot()
-        rec = snap.certs.get(name)
-        if rec is None or rec.current is None:
-            raise CertctlError(f"{name}: no issued certificate to revoke")
-        if rec.current.status == "revoked":
-            click.echo(f"{name}: serial {rec.current.serial} is already revoked")
+        if len(names) == 1 and not wanted:
+            rec = snap.certs.get(names[0])
+            if rec is not None and rec.current is not None and rec.current.status == "revoked":
+                click.echo(f"{names[0]}: serial {rec.current.serial} is already revoked")
+                return
+        chosen = revocation.select(inv, snap, names, wanted)
+        if not chosen:
+            click.echo("Nothing to revoke.")
             return
-        if not yes and sys.stdin.isatty():
-            click.confirm(
-                f"Revoke {name} (serial {rec.current.serial}) for {reason}?", abort=True
+        if not yes:
+            listing = ", ".join(f"{c.name} ({c.version.serial})" for c in chosen[:20])
+            more = f" and {len(chosen) - 20} more" if len(chosen) > 20 else ""
+            if not sys.stdin.isatty():
+                raise CertctlError(
+                    f"revoking {len(chosen)} certificate(s) needs confirmation: pass --yes "
+                    "(see the list with --dry-run)"
+                )
+            click.confirm(f"Revoke {listing}{more} for {reason}?", abort=True)
+        actions = tuple(
+            Action(
+                ActionKind.REVOKE,
+                c.name,
+                (Reason("forced", f"revoked by hand ({reason})"),),
+                details={
+                    "revocation_reason": reason,
+                    "version": c.version.version,
+                    "retire": False,
+                },
             )
-        action = Action(
-            ActionKind.REVOKE,
-            name,
-            (Reason("forced", f"revoked by hand ({reason})"),),
-            details={
-                "revocation_reason": reason,
-                "version": rec.current.version,
-                "retire": False,
-            },
+            for c in chosen
         )
-        plan = Plan(actions=(action,), input_digest="", created_at=eng.clock())
-        ex = Executor(eng.inventory(), snap, store, eng, eng.clock, holder=default_holder())
+        plan = Plan(actions=actions, input_digest="", created_at=eng.clock())
+        ex = Executor(inv, snap, store, eng, eng.clock, holder=default_holder())
         report = asyncio.run(ex.run(plan))
     finally:
         store.release_apply_lock()
-    if report.failed:
-        _fail(report.failed[0].error or "revocation failed")
+    failed = {r.action.cert: r.error for r in report.failed}
+    for c in chosen:
+        if c.name not in failed:
+            click.echo(f"Revoked {c.name} serial {c.version.serial} ({reason}).")
+    for name, error in failed.items():
+        click.echo(f"  FAILED revoke {name}: {error}", err=True)
+    if failed:
+        sys.exit(1)
     click.echo(
-        f"Revoked {name} serial {rec.current.serial} ({reason}). The next plan will issue a "
-        "replacement unless the inventory marks it `revoked: true`."
+        "The next plan issues replacements unless the inventory marks them `revoked: true`."
     )
 
 
@@ -449,8 +503,100 @@ def db_upgrade(ctx: click.Context) -> None:
     click.echo(f"{where}: schema version {store.schema_version()}")
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM chain.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM key.")
+@click.option("--ip-rate", default=20.0, show_default=True, help="Read API req/s per IP.")
+@click.option("--key-rate", default=50.0, show_default=True, help="Read API req/s per key.")
+@click.option("--burst", default=40, show_default=True, help="Burst allowance of both limits.")
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    tls_cert: str | None,
+    tls_key: str | None,
+    ip_rate: float,
+    key_rate: float,
+    burst: int,
+) -> None:
+    """Serve CRL and OCSP of local-CA issuers, /healthz, /readyz, /metrics and the
+    read API (/api/v1/..., API key required) until SIGINT/SIGTERM."""
+    from certctl.server.app import ServerSettings, run
+    from certctl.server.build import build_app
+
+    if (tls_cert is None) != (tls_key is None):
+        raise CertctlError("--tls-cert and --tls-key go together")
+    settings = ServerSettings(
+        host=host,
+        port=port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        ip_rate=ip_rate,
+        ip_burst=burst,
+        key_rate=key_rate,
+        key_burst=burst,
+    )
+    app, issuers = build_app(_engine(ctx), settings)
+    scheme = "https" if tls_cert else "http"
+    served = ", ".join(issuers) or "none"
+    click.echo(f"certctl serve on {scheme}://{host}:{port} (CRL/OCSP for: {served})", err=True)
+    run(app, settings)
+
+
+@cli.group()
+def apikey() -> None:
+    """API keys of the read API (only their SHA-256 is stored)."""
+
+
+@apikey.command("create")
+@click.argument("name")
+@click.pass_context
+def apikey_create(ctx: click.Context, name: str) -> None:
+    """Create key NAME and print its token (shown once, never stored)."""
+    from certctl.server.auth import hash_token, new_token
+
+    token = new_token()
+    _engine(ctx.find_root()).store().create_api_key(name, hash_token(token))
+    click.echo(token)
+    click.echo(f"Created API key {name!r}. Keep the token: it is not shown again.", err=True)
+
+
+@apikey.command("list")
+@click.pass_context
+def apikey_list(ctx: click.Context) -> None:
+    """List the API key names."""
+    for name, _ in _engine(ctx.find_root()).store().api_keys():
+        click.echo(name)
+
+
+@apikey.command("delete")
+@click.argument("name")
+@click.pass_context
+def apikey_delete(ctx: click.Context, name: str) -> None:
+    """Delete key NAME."""
+    if not _engine(ctx.find_root()).store().delete_api_key(name):
+        raise CertctlError(f"no API key named {name!r}")
+    click.echo(f"Deleted API key {name!r}.")
+
+
 def main() -> None:
-    cli(prog_name="certctl")
+    """Entry point. Usage errors exit 1: exit code 2 means "changes present"."""
+    try:
+        cli.main(prog_name="certctl", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
 
 
 __all__ = ["cli", "count_line", "main"]

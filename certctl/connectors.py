@@ -106,10 +106,12 @@ class Issuer(abc.ABC):
 
     Contract:
 
-    * :meth:`prepare` runs before any side effect at the CA and returns a small JSON-able
-      payload that the engine journals (e.g. the serial the local CA will use, the ACME
-      order URL). If the process dies, the next run calls :meth:`issue` with the same
-      payload and the same key, so the CA must not issue twice for one payload.
+    * :meth:`prepare` (async) runs before any certificate is issued and returns a small
+      JSON-able payload that the engine journals before it calls :meth:`issue` (e.g.
+      the serial the local CA will use, the ACME order URL: creating an order that is
+      never finalized is harmless, finalizing one twice is not). If the process dies,
+      the next run calls :meth:`issue` with the same payload and the same key, so the
+      CA must not issue twice for one payload.
     * :meth:`issue` must be idempotent for a given payload.
     * :meth:`revoke` must be idempotent: revoking a revoked certificate succeeds.
     * Raise :class:`certctl.errors.TransientError` (with ``retry_after`` when known) or
@@ -126,7 +128,7 @@ class Issuer(abc.ABC):
         self.config = config
         self.ctx = ctx
 
-    def prepare(self, req: IssueRequest) -> dict[str, Any]:
+    async def prepare(self, req: IssueRequest) -> dict[str, Any]:
         return {}
 
     @abc.abstractmethod

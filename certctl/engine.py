@@ -18,13 +18,13 @@ from typing import Any
 from certctl.apply.executor import ApplyReport, ApplySettings, Executor
 from certctl.apply.syncer import BatchSyncer
 from certctl.connectors import ConnectorContext, Issuer, Registry, Target, default_registry
-from certctl.errors import InventoryError, StalePlanError
+from certctl.errors import InventoryError, PermanentError, StalePlanError
 from certctl.inventory import load_inventory
 from certctl.model import Inventory, Observed, Plan
 from certctl.observe.targets import observe_targets
-from certctl.plan.planner import PlanOptions, plan
+from certctl.plan.planner import PlanOptions, options_of, plan
 from certctl.state import open_store
-from certctl.state.base import StateStore
+from certctl.state.base import Batch, CertUpdate, StateStore
 
 
 def utcnow() -> datetime:
@@ -56,9 +56,16 @@ class Engine:
     _ctx: ConnectorContext | None = None
 
     # ---------------------------------------------------------------- pieces
+    def __post_init__(self) -> None:
+        # Absolute from the start: connectors confine paths under the inventory root,
+        # and `-i .` must behave like `-i /abs/path`.
+        self.inventory_path = self.inventory_path.expanduser().absolute()
+
     @property
     def root(self) -> Path:
         p = self.inventory_path
+        if not p.exists():
+            raise InventoryError(f"{p}: no such file or directory")
         return p if p.is_dir() else p.parent
 
     def get_registry(self) -> Registry:
@@ -93,7 +100,12 @@ class Engine:
 
     def issuer(self, name: str) -> Issuer:
         if name not in self._issuers:
-            spec = self.inventory().issuers[name]
+            spec = self.inventory().issuers.get(name)
+            if spec is None:
+                raise PermanentError(
+                    f"issuer {name!r} is no longer in the inventory: restore its definition "
+                    "so certctl can revoke what it issued"
+                )
             cls = self.get_registry().issuers[spec.type]
             self._issuers[name] = cls(name, spec.config, self.context())
         return self._issuers[name]
@@ -120,6 +132,19 @@ class Engine:
         observed = self.observe()
         return plan(self.inventory(), observed, self.clock(), options), observed
 
+    def _sync_flags(self, observed: Observed) -> None:
+        """Record inventory flags the planner later needs from state alone (a removed
+        certificate is no longer in the inventory to say it wants revoking)."""
+        inv = self.inventory()
+        updates = [
+            CertUpdate(name, revoke_on_remove=cert.revoke_on_remove)
+            for name, cert in inv.certificates.items()
+            if (rec := observed.state.certs.get(name)) is not None
+            and rec.revoke_on_remove != cert.revoke_on_remove
+        ]
+        if updates:
+            self.store().write(Batch(cert_updates=updates))
+
     def apply(
         self,
         saved: Plan | None = None,
@@ -135,13 +160,21 @@ class Engine:
         store = self.store()
         store.acquire_apply_lock(holder or default_holder())
         try:
+            if saved is not None:
+                options = options_of(saved)
             fresh, observed = self.plan(options)
-            if saved is not None and saved.input_digest != fresh.input_digest:
+            if saved is not None and (
+                saved.input_digest != fresh.input_digest
+                or [a.id for a in saved.actions] != [a.id for a in fresh.actions]
+            ):
                 raise StalePlanError(
                     "the saved plan is stale: the inventory, the state or the targets changed "
                     "since it was made; run `certctl plan` again"
                 )
-            todo = saved if saved is not None else fresh
+            self._sync_flags(observed)
+            # A saved plan was just checked to match the fresh one action for action;
+            # execute the fresh one so an edited plan file cannot smuggle in details.
+            todo = fresh
             if not todo.actions and not observed.state.intents:
                 return todo, None
             if confirm is not None and todo.actions and not confirm(todo):

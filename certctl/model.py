@@ -446,6 +446,8 @@ class Plan:
     input_digest: str
     created_at: datetime
     skipped: Mapping[str, str] = field(default_factory=dict)  # cert -> why held back (backoff)
+    # What the plan was asked for (``force``, ``only``), so a saved plan re-plans alike.
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         out = {k.value: 0 for k in ActionKind}

@@ -223,7 +223,7 @@ def _version(req: IssueRequest, issued: Any, issuer: str) -> VersionRecord:
 
 async def check_issue_matches_request(h: IssuerHarness) -> None:
     req = h.request(("conf.test", "alt.conf.test"))
-    payload = h.issuer.prepare(req)
+    payload = await h.issuer.prepare(req)
     json.dumps(payload)  # journaled as JSON
     issued = await h.issuer.issue(req, payload)
     leaf = x509.load_pem_x509_certificate(issued.cert_pem)
@@ -238,7 +238,7 @@ async def check_issue_matches_request(h: IssuerHarness) -> None:
 
 async def check_issue_is_idempotent_for_one_payload(h: IssuerHarness) -> None:
     req = h.request(("idem.conf.test",))
-    payload = h.issuer.prepare(req)
+    payload = await h.issuer.prepare(req)
     first = await h.issuer.issue(req, payload)
     # the journal round-trips the payload through JSON before a resumed issue
     again = await h.issuer.issue(req, json.loads(json.dumps(payload)))
@@ -251,14 +251,14 @@ async def check_issue_is_idempotent_for_one_payload(h: IssuerHarness) -> None:
 
 async def check_distinct_payloads_give_distinct_serials(h: IssuerHarness) -> None:
     req = h.request(("two.conf.test",))
-    a = await h.issuer.issue(req, h.issuer.prepare(req))
-    b = await h.issuer.issue(req, h.issuer.prepare(req))
+    a = await h.issuer.issue(req, await h.issuer.prepare(req))
+    b = await h.issuer.issue(req, await h.issuer.prepare(req))
     assert a.serial != b.serial
 
 
 async def check_revoke_is_idempotent(h: IssuerHarness) -> None:
     req = h.request(("revoke.conf.test",))
-    issued = await h.issuer.issue(req, h.issuer.prepare(req))
+    issued = await h.issuer.issue(req, await h.issuer.prepare(req))
     version = _version(req, issued, h.issuer.name)
     await h.issuer.revoke(version, "keyCompromise")
     await h.issuer.revoke(version, "keyCompromise")

@@ -36,6 +36,7 @@ from certctl.model import (
     DeploymentRecord,
     Inventory,
     Plan,
+    Reason,
     SecretBytes,
     StateSnapshot,
     VersionRecord,
@@ -53,6 +54,9 @@ from certctl.state.base import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Field of an issue intent's journaled payload holding the spec it was made for.
+SPEC_FIELD = "_certctl_spec"
 T = TypeVar("T")
 
 
@@ -63,7 +67,8 @@ class ApplySettings:
     retry_base_s: float = 1.0
     max_retry_delay_s: float = 30.0
     backoff_base_s: int = 3600  # across runs: 1h * 2^(n-1)
-    backoff_cap_s: int = 24 * 3600
+    backoff_cap_s: int = 32 * 3600
+    resume_max_age_s: int = 24 * 3600  # an older open issue intent is started afresh
 
 
 @dataclass
@@ -133,6 +138,8 @@ class Executor:
         self._done = 0
         self._total = 0
         self._resumable: dict[str, StoredIntent] = {}
+        self._open_revokes: list[StoredIntent] = []
+        self._deploy_slots = asyncio.Semaphore(max(1, settings.concurrency))
         self._deploy_intents: dict[tuple[str, str], str] = {}
         self._materials: dict[tuple[str, int], tuple[bytes, bytes, SecretBytes | None]] = {}
         self.faults = Failpoints()
@@ -149,6 +156,7 @@ class Executor:
         status = "failed"
         try:
             await self._recover(plan)
+            await self._finish_open_revokes(report)
             groups = _group_by_cert(plan.actions)
             self._total = len(plan.actions)
             queue: asyncio.Queue[list[Action]] = asyncio.Queue()
@@ -181,19 +189,34 @@ class Executor:
         return report
 
     async def _recover(self, plan: Plan) -> None:
-        """Resume what a killed run left half done."""
+        """Resume what a killed run left half done.
+
+        * An open issue/renew intent is resumed (same key, same issuer payload, so the
+          CA does not issue twice) when the certificate is planned for issuance again
+          and its spec is still the one the intent was made for; a stale intent (spec
+          changed, or older than ``resume_max_age_s``) is closed as superseded.
+        * An open revoke intent is finished: revocation is idempotent at the issuer,
+          and the state must learn what the issuer may already have done.
+        * Deploy intents are closed; deploys are re-planned from what targets hold.
+        """
         intents = await asyncio.to_thread(self.store.open_intents)
         planned_issue = {
             a.cert for a in plan.actions if a.kind in (ActionKind.ISSUE, ActionKind.RENEW)
         }
+        now = self.clock()
         close: list[tuple[str, str]] = []
         for it in intents:
-            if it.action in ("issue", "renew") and it.cert in planned_issue:
-                if it.cert in self._resumable:
-                    close.append((self._resumable[it.cert].id, "superseded"))
-                self._resumable[it.cert] = it
+            if it.action in ("issue", "renew"):
+                if not self._still_resumable(it, now):
+                    close.append((it.id, "superseded"))
+                elif it.cert in planned_issue:
+                    if it.cert in self._resumable:
+                        close.append((self._resumable[it.cert].id, "superseded"))
+                    self._resumable[it.cert] = it
+                # else: kept open for the run that plans this certificate again
+            elif it.action == "revoke":
+                self._open_revokes.append(it)
             else:
-                # Deploys and revokes are re-planned from what the targets/issuers say.
                 close.append((it.id, "interrupted"))
         if close:
             await self.writer.write(
@@ -208,6 +231,44 @@ class Executor:
                     ],
                 )
             )
+
+    def _still_resumable(self, it: StoredIntent, now: datetime) -> bool:
+        cert = self.inv.certificates.get(it.cert)
+        if cert is None or it.key_pem is None:
+            return False
+        if now - it.created_at > timedelta(seconds=self.settings.resume_max_age_s):
+            return False
+        want = spec_digest(cert, profile_for(self.inv, cert))
+        return it.payload.get(SPEC_FIELD) == want
+
+    async def _finish_open_revokes(self, report: ApplyReport) -> None:
+        """Finish revocations a killed run journaled: ask the issuer again (idempotent),
+        then record what it confirmed."""
+        for it in self._open_revokes:
+            record = self.snapshot.certs.get(it.cert)
+            serial = str(it.payload.get("serial", ""))
+            reason = str(it.payload.get("reason", "unspecified"))
+            cur = record.current if record is not None else None
+            if cur is None or cur.serial != serial or cur.status == "revoked":
+                await self.writer.write(Batch(closed_intents=[(it.id, "superseded")]))
+                continue
+            action = Action(
+                ActionKind.REVOKE,
+                it.cert,
+                (Reason("resumed", "finishing a revocation an interrupted run started"),),
+                details={
+                    "revocation_reason": reason,
+                    "version": cur.version,
+                    "serial": cur.serial,
+                    "retire": bool(it.payload.get("retire", False)),
+                },
+            )
+            try:
+                await self._revoke(action, intent_id=it.id)
+                report.results.append(ActionResult(action, True))
+            except Exception as exc:
+                log.debug("resumed revoke %s failed", it.cert, exc_info=True)
+                report.results.append(ActionResult(action, False, error_text(exc)))
 
     async def _worker(self, queue: asyncio.Queue[list[Action]], report: ApplyReport) -> None:
         while True:
@@ -239,10 +300,9 @@ class Executor:
                 log.debug("issue %s failed", name, exc_info=True)
                 await self._record_issue_failure(issue, exc)
                 report.results.append(ActionResult(issue, False, msg))
-                for d in deploys:
-                    report.results.append(
-                        ActionResult(d, False, f"not deployed: {issue.kind.value} failed")
-                    )
+                await self._skip_deploys(
+                    deploys, f"not deployed: {issue.kind.value} failed", report
+                )
                 self._progress(1 + len(deploys))
                 return
             self._progress()
@@ -251,12 +311,11 @@ class Executor:
                 try:
                     material = await self._current_material(name)
                 except Exception as exc:
-                    for d in deploys:
-                        report.results.append(ActionResult(d, False, error_text(exc)))
+                    await self._skip_deploys(deploys, error_text(exc), report)
                     self._progress(len(deploys))
                     return
             results = await asyncio.gather(
-                *(self._deploy(d, material, journaled=issue is not None) for d in deploys)
+                *(self._bounded_deploy(d, material, journaled=issue is not None) for d in deploys)
             )
             report.results.extend(results)
             self._progress(len(deploys))
@@ -284,6 +343,25 @@ class Executor:
                 )
             self._progress()
 
+    async def _skip_deploys(self, deploys: list[Action], why: str, report: ApplyReport) -> None:
+        """Deploys that cannot run still get a result and an audit event each."""
+        for d in deploys:
+            report.results.append(ActionResult(d, False, why))
+        await self.writer.write(
+            Batch(
+                audit=[
+                    AuditEvent(
+                        "deploy.failed",
+                        cert=d.cert,
+                        placement=d.placement,
+                        run_id=self.run_id,
+                        detail={"error": why},
+                    )
+                    for d in deploys
+                ]
+            )
+        )
+
     # ------------------------------------------------------------------ issue
     async def _issue(self, action: Action, placements: list[str]) -> Material:
         name = action.cert
@@ -302,18 +380,25 @@ class Executor:
             key = pki.load_key_pem(resumed.key_pem.reveal())
             key_pem = resumed.key_pem
             req = IssueRequest(cert, profile, key, key.public_key())
-            payload: Mapping[str, Any] = resumed.payload
+            payload: Mapping[str, Any] = {
+                k: v for k, v in resumed.payload.items() if k != SPEC_FIELD
+            }
             intent_id = resumed.id
         else:
             key, key_pem = await self._new_or_reused_key(cert, record)
             req = IssueRequest(cert, profile, key, key.public_key())
-            payload = issuer.prepare(req)
+            payload = await issuer.prepare(req)
             intent_id = uuid.uuid4().hex
             await self.writer.write(
                 Batch(
                     intents=[
                         IntentRecord(
-                            intent_id, name, action.kind.value, None, dict(payload), key_pem
+                            intent_id,
+                            name,
+                            action.kind.value,
+                            None,
+                            {**payload, SPEC_FIELD: spec_digest(cert, profile)},
+                            key_pem,
                         )
                     ]
                 )
@@ -405,6 +490,7 @@ class Executor:
         if (
             cert.key.rotation == "never"
             and cur is not None
+            and cur.status == "active"  # never reuse the key of a revoked certificate
             and cur.key_spec == cert.key.id
             and cur.key_custody == "controller"
         ):
@@ -484,6 +570,13 @@ class Executor:
                 if rec is not None and rec.current is not None:
                     wanted.add((a.cert, rec.current.version))
         self._materials = self.store.materials(sorted(wanted)) if wanted else {}
+
+    async def _bounded_deploy(
+        self, action: Action, material: Material, *, journaled: bool
+    ) -> ActionResult:
+        """Deploys share one cap, so a target on many hosts cannot exceed --concurrency."""
+        async with self._deploy_slots:
+            return await self._deploy(action, material, journaled=journaled)
 
     async def _deploy(self, action: Action, material: Material, *, journaled: bool) -> ActionResult:
         name = action.cert
@@ -574,7 +667,9 @@ class Executor:
         return ActionResult(action, True)
 
     # ----------------------------------------------------------- revoke/retire
-    async def _revoke(self, action: Action) -> None:
+    async def _revoke(self, action: Action, *, intent_id: str | None = None) -> None:
+        """Journal, revoke at the issuer, then record. With ``intent_id`` it finishes a
+        revocation a killed run journaled (the issuer's revoke is idempotent)."""
         name = action.cert
         record = self.snapshot.certs.get(name)
         if record is None or record.current is None:
@@ -583,17 +678,15 @@ class Executor:
         reason = str(action.details.get("revocation_reason", "unspecified"))
         retire = bool(action.details.get("retire", False))
         issuer = self.conns.issuer(cur.issuer)
-        intent_id = uuid.uuid4().hex
-        await self.writer.write(
-            Batch(
-                intents=[
-                    IntentRecord(
-                        intent_id, name, "revoke", None, {"serial": cur.serial, "reason": reason}
-                    )
-                ]
+        if intent_id is None:
+            intent_id = uuid.uuid4().hex
+            payload = {"serial": cur.serial, "reason": reason, "retire": retire}
+            await self.writer.write(
+                Batch(intents=[IntentRecord(intent_id, name, "revoke", None, payload)])
             )
-        )
+        self.faults.hit("after_revoke_intent")
         await self._with_retries(lambda: issuer.revoke(cur, reason))
+        self.faults.hit("after_revoke")
         now = self.clock()
         await self.writer.write(
             Batch(

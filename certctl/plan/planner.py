@@ -22,6 +22,7 @@ from certctl.model import (
     ActionKind,
     Certificate,
     CertRecord,
+    DeploymentRecord,
     Inventory,
     Observed,
     Plan,
@@ -36,6 +37,8 @@ from certctl.plan import reasons as R
 #: The renewal moment is pulled earlier by up to this fraction of the renewal window,
 #: deterministically per certificate, so a fleet issued together does not renew together.
 JITTER_FRACTION = 0.1
+#: The renewal window (jitter included) covers at most this share of the lifetime.
+MAX_WINDOW = 0.95
 
 DEFAULT_PROFILE = Profile(name="default")
 
@@ -77,7 +80,10 @@ def renewal_time(cert: Certificate, version: VersionRecord) -> datetime:
         window = lifetime * (rb.fraction if rb.fraction is not None else 1 / 3)
     seed = hashlib.sha256(f"{cert.name}:{version.serial}".encode()).digest()
     jitter = int.from_bytes(seed[:8], "big") / 2**64 * JITTER_FRACTION * window
-    return version.not_after - timedelta(seconds=window + jitter)
+    # Never earlier than 5% into the lifetime: a window as long as the lifetime (a
+    # large renew_before, or a leaf clamped by its CA's expiry) must not renew on
+    # every run.
+    return version.not_after - timedelta(seconds=min(window + jitter, lifetime * MAX_WINDOW))
 
 
 def plan(
@@ -114,7 +120,25 @@ def plan(
             "only": sorted(only) if only is not None else None,
         }
     )
-    return Plan(actions=tuple(actions), input_digest=digest, created_at=now, skipped=skipped)
+    return Plan(
+        actions=tuple(actions),
+        input_digest=digest,
+        created_at=now,
+        skipped=skipped,
+        options={
+            "force": sorted(options.force),
+            "only": sorted(only) if only is not None else None,
+        },
+    )
+
+
+def options_of(p: Plan) -> PlanOptions:
+    """The options a (saved) plan was made with."""
+    only = p.options.get("only")
+    return PlanOptions(
+        force=frozenset(p.options.get("force") or ()),
+        only=frozenset(only) if only is not None else None,
+    )
 
 
 def _plan_certificate(
@@ -148,7 +172,7 @@ def _plan_certificate(
     profile = profile_for(inv, cert)
     issue_reasons = list(_issue_reasons(cert, profile, record, current, now, options))
     if issue_reasons:
-        held = _backoff(cert, profile, record, now)
+        held = None if cert.name in options.force else _backoff(cert, profile, record, now)
         if held is not None:
             skipped[cert.name] = held
             return []
@@ -239,8 +263,8 @@ def _backoff(
     if record.force_renew or now >= record.next_attempt_at:
         return None
     return (
-        f"backing off after {record.failures} failed attempt(s); "
-        f"next attempt after {record.next_attempt_at.isoformat()}"
+        f"blocked until {record.next_attempt_at.isoformat()} "
+        f"(backing off after {record.failures} failed attempt(s))"
     )
 
 
@@ -255,13 +279,21 @@ def _deploy_reason(
                 return R.reason(R.NOT_RECORDED)
             return None
         if obs.state is TargetState.UNKNOWN:
-            return None
+            # Could not look: fall back to what the state recorded, so a deploy that
+            # failed (or never happened) is not forgotten.
+            return _deploy_reason_from_record(dep, current)
         if obs.state is TargetState.MISSING:
             if dep is None:
                 return R.reason(R.NEW_TARGET)
             return R.reason(R.MISSING_ON_TARGET, detail=obs.detail or "files are missing")
         return R.reason(R.CONTENT_DIFFERS, detail=obs.detail or "content differs")
     # Not observed (the target cannot be read back): trust the deployment record.
+    return _deploy_reason_from_record(dep, current)
+
+
+def _deploy_reason_from_record(
+    dep: DeploymentRecord | None, current: VersionRecord
+) -> Reason | None:
     if dep is None:
         return R.reason(R.NEW_TARGET)
     if dep.status != "deployed":

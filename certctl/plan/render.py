@@ -86,6 +86,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             for a in plan.actions
         ],
         "skipped": dict(plan.skipped),
+        "options": dict(plan.options),
     }
 
 
@@ -117,6 +118,7 @@ def plan_from_json(text: str, source: str = "plan file") -> Plan:
         input_digest=data["input_digest"],
         created_at=datetime.fromisoformat(data["created_at"]),
         skipped=data.get("skipped") or {},
+        options=data.get("options") or {},
     )
 
 

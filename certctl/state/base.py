@@ -213,3 +213,68 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     def put(self, issuer: str, key: str, value: bytes, *, secret: bool) -> None: ...
+
+    # --- server: read API, OCSP lookups, API keys (migration 0002) --------
+    @abc.abstractmethod
+    def generation(self) -> int:
+        """The generation counter alone (one cheap query; bumped by every write)."""
+
+    @abc.abstractmethod
+    def find_serial(self, issuer: str, serial: str) -> VersionRecord | None:
+        """The version ``issuer`` signed with ``serial`` (lower-case hex), or None."""
+
+    @abc.abstractmethod
+    def list_certificates(
+        self,
+        *,
+        after: str | None,
+        limit: int,
+        issuer: str | None = None,
+        status: str | None = None,
+        expiring_before: datetime | None = None,
+    ) -> list[dict[str, Any]]:
+        """A page of certificates ordered by name, starting after ``after``."""
+
+    @abc.abstractmethod
+    def list_deployments(
+        self,
+        *,
+        after: tuple[str, str] | None,
+        limit: int,
+        cert: str | None = None,
+        status: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """A page of deployments ordered by (cert, placement), after ``after``."""
+
+    @abc.abstractmethod
+    def list_runs(
+        self, *, before: int | None, limit: int, status: str | None = None
+    ) -> list[RunRecord]:
+        """A page of runs, newest first, with ids below ``before``."""
+
+    @abc.abstractmethod
+    def list_audit(
+        self,
+        *,
+        before: int | None,
+        limit: int,
+        cert: str | None = None,
+        event: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """A page of audit events, newest first, with ids below ``before``."""
+
+    @abc.abstractmethod
+    def audit_counts(self) -> dict[str, int]:
+        """How many audit events of each kind there are."""
+
+    @abc.abstractmethod
+    def create_api_key(self, name: str, token_hash: str) -> None:
+        """Record an API key (its SHA-256 hex); StateError if the name is taken."""
+
+    @abc.abstractmethod
+    def api_keys(self) -> list[tuple[str, str]]:
+        """Every (name, token_hash)."""
+
+    @abc.abstractmethod
+    def delete_api_key(self, name: str) -> bool:
+        """Remove a key; False when there was none of that name."""

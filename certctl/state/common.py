@@ -622,3 +622,225 @@ class BaseStore(StateStore):
         cert, version = row[0], int(row[1])
         key = self._decrypt(row[4], crypto.aad_version(cert, version))
         return (cert, version), (bytes(row[2]), bytes(row[3]), key)
+
+
+# ---------------------------------------------------------------------------
+# server reads (read API, OCSP, metrics) and API keys, written once for both backends
+#
+# The SQL below uses ``?`` placeholders; PostgreSQL's ``_query`` turns them into ``%s``.
+# Keyset pagination compares and orders with the backend's byte-wise collation
+# (``_collate``), so a cursor means the same position on both backends.
+
+_CERT_PAGE = (
+    "SELECT c.name, c.retired, c.failures, c.next_attempt_at, v.version, v.serial, v.issuer, "
+    "v.not_before, v.not_after, v.status, v.revoked_at, v.revocation_reason, v.fingerprint, "
+    "v.key_spec, CAST(v.names AS TEXT) "
+    "FROM certificates c LEFT JOIN certificate_versions v "
+    "ON v.cert = c.name AND v.version = c.current_version"
+)
+_DEPLOYMENT_PAGE = (
+    "SELECT cert, placement, version, fingerprint, status, deployed_at, CAST(files AS TEXT) "
+    "FROM deployments"
+)
+_RUN_PAGE = (
+    "SELECT id, kind, holder, started_at, finished_at, status, CAST(summary AS TEXT) FROM runs"
+)
+_AUDIT_PAGE = (
+    "SELECT id, at, event, cert, placement, run_id, CAST(detail AS TEXT) FROM audit"
+)
+
+
+def cert_status(retired: bool, version_status: str | None) -> str:
+    """The status the read API and metrics show for a certificate."""
+    if retired:
+        return "retired"
+    if version_status is None:
+        return "not_issued"
+    return version_status  # active | revoked (the current version is never superseded)
+
+
+class ServerReads(abc.ABC):
+    """Mixin for :class:`BaseStore`: the server's reads over two backend primitives."""
+
+    #: ``COLLATE`` clause giving byte-wise order (empty on SQLite: BINARY is the default).
+    _collate = ""
+
+    @abc.abstractmethod
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        """Run one read (``?`` placeholders) in its own transaction; all rows."""
+
+    @abc.abstractmethod
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one write (``?`` placeholders) in its own transaction; the rowcount."""
+
+    @abc.abstractmethod
+    def _ts_out(self, value: Any) -> datetime | None:
+        """Decode a timestamp column."""
+
+    @abc.abstractmethod
+    def _ts_in(self, value: datetime | None) -> Any:
+        """Encode a timestamp parameter."""
+
+    def generation(self) -> int:
+        rows = self._query("SELECT generation FROM meta WHERE id = 1")
+        return int(rows[0][0]) if rows else 0
+
+    def find_serial(self, issuer: str, serial: str) -> VersionRecord | None:
+        rows = self._query(
+            f"SELECT {VERSION_COLUMNS} FROM certificate_versions "
+            "WHERE issuer = ? AND serial = ? ORDER BY version DESC",
+            (issuer, serial.lower()),
+        )
+        return version_from_row(rows[0], self._ts_out) if rows else None
+
+    def list_certificates(
+        self,
+        *,
+        after: str | None,
+        limit: int,
+        issuer: str | None = None,
+        status: str | None = None,
+        expiring_before: datetime | None = None,
+    ) -> list[dict[str, Any]]:
+        where: list[str] = []
+        params: list[Any] = []
+        if after is not None:
+            where.append(f"c.name{self._collate} > ?")
+            params.append(after)
+        if issuer is not None:
+            where.append("v.issuer = ?")
+            params.append(issuer)
+        if status == "retired":
+            where.append("c.retired = ?")
+            params.append(True)
+        elif status == "not_issued":
+            where.append("c.retired = ? AND v.version IS NULL")
+            params.append(False)
+        elif status is not None:
+            where.append("c.retired = ? AND v.status = ?")
+            params.extend((False, status))
+        if expiring_before is not None:
+            where.append("v.not_after < ?")
+            params.append(self._ts_in(expiring_before))
+        sql = _CERT_PAGE + (" WHERE " + " AND ".join(where) if where else "")
+        sql += f" ORDER BY c.name{self._collate} LIMIT ?"
+        rows = self._query(sql, (*params, int(limit)))
+        names = load_json_column([r[14] for r in rows])
+        out = []
+        ts = self._ts_out
+        for r, n in zip(rows, names, strict=True):
+            out.append(
+                {
+                    "name": r[0],
+                    "status": cert_status(bool(r[1]), r[9]),
+                    "failures": int(r[2]),
+                    "next_attempt_at": ts(r[3]),
+                    "version": r[4],
+                    "serial": r[5],
+                    "issuer": r[6],
+                    "not_before": ts(r[7]),
+                    "not_after": ts(r[8]),
+                    "revoked_at": ts(r[10]),
+                    "revocation_reason": r[11],
+                    "fingerprint": r[12],
+                    "key_spec": r[13],
+                    "names": n or [],
+                }
+            )
+        return out
+
+    def list_deployments(
+        self,
+        *,
+        after: tuple[str, str] | None,
+        limit: int,
+        cert: str | None = None,
+        status: str | None = None,
+    ) -> list[dict[str, Any]]:
+        where: list[str] = []
+        params: list[Any] = []
+        col = self._collate
+        if after is not None:
+            where.append(f"(cert{col} > ? OR (cert = ? AND placement{col} > ?))")
+            params.extend((after[0], after[0], after[1]))
+        if cert is not None:
+            where.append("cert = ?")
+            params.append(cert)
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        sql = _DEPLOYMENT_PAGE + (" WHERE " + " AND ".join(where) if where else "")
+        sql += f" ORDER BY cert{col}, placement{col} LIMIT ?"
+        rows = self._query(sql, (*params, int(limit)))
+        files = load_json_column([r[6] for r in rows])
+        return [
+            {
+                "cert": r[0],
+                "placement": r[1],
+                "version": int(r[2]),
+                "fingerprint": r[3],
+                "status": r[4],
+                "deployed_at": self._ts_out(r[5]),
+                "files": {role: f.path for role, f in files_from_data(fs).items()},
+            }
+            for r, fs in zip(rows, files, strict=True)
+        ]
+
+    def list_runs(
+        self, *, before: int | None, limit: int, status: str | None = None
+    ) -> list[RunRecord]:
+        where: list[str] = []
+        params: list[Any] = []
+        if before is not None:
+            where.append("id < ?")
+            params.append(int(before))
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        sql = _RUN_PAGE + (" WHERE " + " AND ".join(where) if where else "")
+        rows = self._query(sql + " ORDER BY id DESC LIMIT ?", (*params, int(limit)))
+        return [run_from_row(r, self._ts_out) for r in rows]
+
+    def list_audit(
+        self,
+        *,
+        before: int | None,
+        limit: int,
+        cert: str | None = None,
+        event: str | None = None,
+    ) -> list[dict[str, Any]]:
+        where: list[str] = []
+        params: list[Any] = []
+        if before is not None:
+            where.append("id < ?")
+            params.append(int(before))
+        if cert is not None:
+            where.append("cert = ?")
+            params.append(cert)
+        if event is not None:
+            where.append("event = ?")
+            params.append(event)
+        sql = _AUDIT_PAGE + (" WHERE " + " AND ".join(where) if where else "")
+        rows = self._query(sql + " ORDER BY id DESC LIMIT ?", (*params, int(limit)))
+        return [audit_from_row(r, self._ts_out) for r in rows]
+
+    def audit_counts(self) -> dict[str, int]:
+        rows = self._query("SELECT event, COUNT(*) FROM audit GROUP BY event")
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def create_api_key(self, name: str, token_hash: str) -> None:
+        if not name or len(name) > 100:
+            raise StateError("an API key name must be 1 to 100 characters")
+        if self._query("SELECT 1 FROM api_keys WHERE name = ?", (name,)):
+            raise StateError(f"an API key named {name!r} already exists")
+        self._execute(
+            "INSERT INTO api_keys (name, token_hash, created_at) VALUES (?, ?, ?)",
+            (name, token_hash, self._ts_in(utc(datetime.now(UTC)))),
+        )
+
+    def api_keys(self) -> list[tuple[str, str]]:
+        rows = self._query("SELECT name, token_hash FROM api_keys ORDER BY name")
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    def delete_api_key(self, name: str) -> bool:
+        return self._execute("DELETE FROM api_keys WHERE name = ?", (name,)) > 0

@@ -147,7 +147,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-class PostgresStore(common.BaseStore):
+class PostgresStore(common.ServerReads, common.BaseStore):
     """State in a PostgreSQL database. See the module docstring."""
 
     def __init__(
@@ -480,6 +480,23 @@ class PostgresStore(common.BaseStore):
             )
         if self._run_id == run_id:
             self._run_id = None
+
+    # ------------------------------------------------- server reads (common.py)
+    _collate = ' COLLATE "C"'
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        with self._conn() as conn:
+            return list(conn.execute(sql.replace("?", "%s"), tuple(params)).fetchall())
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self._conn() as conn:
+            return int(conn.execute(sql.replace("?", "%s"), tuple(params)).rowcount)
+
+    def _ts_out(self, value: Any) -> datetime | None:
+        return _dt(value)
+
+    def _ts_in(self, value: datetime | None) -> Any:
+        return _ts(value)
 
     # ------------------------------------------------------------------ vault
     def get(self, issuer: str, key: str) -> bytes | None:

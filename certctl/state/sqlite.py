@@ -98,7 +98,7 @@ def _split_statements(sql: str) -> list[str]:
     return out
 
 
-class SQLiteStore(common.BaseStore):
+class SQLiteStore(common.ServerReads, common.BaseStore):
     """State in one SQLite file. See the module docstring."""
 
     def __init__(
@@ -424,6 +424,21 @@ class SQLiteStore(common.BaseStore):
             )
         if self._run_id == run_id:
             self._run_id = None
+
+    # ------------------------------------------------- server reads (common.py)
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        with self._tx("DEFERRED") as conn:
+            return list(conn.execute(sql, tuple(params)).fetchall())
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self._tx("IMMEDIATE") as conn:
+            return int(conn.execute(sql, tuple(params)).rowcount)
+
+    def _ts_out(self, value: Any) -> datetime | None:
+        return _dt(value)
+
+    def _ts_in(self, value: datetime | None) -> Any:
+        return _ts(value)
 
     # ------------------------------------------------------------------ vault
     def get(self, issuer: str, key: str) -> bytes | None:

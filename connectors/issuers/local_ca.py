@@ -48,6 +48,7 @@ from certctl import pki
 from certctl.connectors import ConnectorContext, IssuedCert, Issuer, IssueRequest
 from certctl.errors import CertctlError, PermanentError
 from certctl.model import KeySpec, Secret, VersionRecord
+from certctl.pki import crl, ocsp
 
 #: RFC 5280 revocation reasons accepted by :meth:`LocalCAIssuer.revoke`.
 REVOCATION_REASONS = (
@@ -211,6 +212,9 @@ class LocalCAIssuer(Issuer):
             "organization": {"type": "string", "minLength": 1, "maxLength": 64},
             "organizational_unit": {"type": "string", "minLength": 1, "maxLength": 64},
             "country": {"type": "string", "pattern": "^[A-Z]{2}$"},
+            "crl_validity": _DURATION_SCHEMA,
+            "ocsp_validity": _DURATION_SCHEMA,
+            "ocsp_responder_ttl": _DURATION_SCHEMA,
         },
     }
 
@@ -230,10 +234,25 @@ class LocalCAIssuer(Issuer):
             "country": _opt_str(config.get("country")),
         }
         self._signer: _Signer | None = None
+        self._crl_validity = timedelta(
+            seconds=duration_s(config.get("crl_validity", "7d"), f"issuer {name}: crl_validity")
+        )
+        self.ocsp_validity = timedelta(
+            seconds=duration_s(config.get("ocsp_validity", "1h"), f"issuer {name}: ocsp_validity")
+        )
+        self._responder_ttl = timedelta(
+            seconds=duration_s(
+                config.get("ocsp_responder_ttl", "30d"), f"issuer {name}: ocsp_responder_ttl"
+            )
+        )
+        self._ocsp_signer: ocsp.Signer | None = None
 
     # ------------------------------------------------------------- Issuer API
-    def prepare(self, req: IssueRequest) -> dict[str, Any]:
+    async def prepare(self, req: IssueRequest) -> dict[str, Any]:
         """Pick the serial and validity start; the executor journals them first."""
+        return self._new_payload()
+
+    def _new_payload(self) -> dict[str, Any]:
         nb = (self.ctx.clock() - BACKDATE).astimezone(UTC).replace(microsecond=0)
         return {"serial": pki.random_serial_hex(), "not_before": nb.isoformat()}
 
@@ -245,7 +264,7 @@ class LocalCAIssuer(Issuer):
         """
         signer = self._signer if self._signer is not None else self.load()
         if "serial" not in payload:
-            payload = self.prepare(req)
+            payload = self._new_payload()
         serial = pki.parse_serial(payload["serial"])
         not_before = _parse_time(payload.get("not_before"), self.name)
         cert = req.cert
@@ -354,6 +373,109 @@ class LocalCAIssuer(Issuer):
     def ca_certificate(self) -> x509.Certificate:
         """The certificate that signs leaves (the intermediate when there is one)."""
         return self.load().cert
+
+    def revocation_entries(self) -> list[crl.RevokedEntry]:
+        """Every revocation (serial, time, reason), in revocation order.
+
+        Kept incrementally in the vault (``crl/entries``): only serials revoked since
+        the last call are read one by one, so a CRL of 100,000 entries does not cost
+        100,000 reads each time.
+        """
+        vault = self.ctx.vault
+        index = self.revoked_serials()
+        raw = vault.get(self.name, "crl/entries")
+        rows: list[list[str]] = json.loads(raw) if raw else []
+        if len(rows) > len(index) or (rows and rows[-1][0] != index[len(rows) - 1]):
+            rows = []  # the index was rewritten: rebuild from the records
+        if len(rows) < len(index):
+            for serial in index[len(rows) :]:
+                rec = self.revocation(serial) or {}
+                at = rec.get("revoked_at") or self.ctx.clock().astimezone(UTC).isoformat()
+                rows.append([serial, str(at), str(rec.get("reason", "unspecified"))])
+            vault.put(self.name, "crl/entries", json.dumps(rows).encode(), secret=False)
+        return [
+            crl.RevokedEntry(pki.parse_serial(s), _parse_time(at, self.name), reason)
+            for s, at, reason in rows
+        ]
+
+    def crl(self, *, force: bool = False) -> bytes:
+        """The current DER CRL, regenerated when a revocation happened since the stored
+        one, when half of its validity has passed, or when the CA changed.
+
+        The CRL number is persisted before the CRL is signed, so it never repeats.
+        """
+        vault = self.ctx.vault
+        signer = self.load()
+        now = self.ctx.clock().astimezone(UTC)
+        entries = self.revocation_entries()
+        ca_fp = pki.fingerprint(signer.cert)
+        meta_raw, der = vault.get(self.name, "crl/meta"), vault.get(self.name, "crl/der")
+        if not force and meta_raw and der:
+            meta = json.loads(meta_raw)
+            this = datetime.fromisoformat(meta["this_update"])
+            nxt = datetime.fromisoformat(meta["next_update"])
+            fresh = this - BACKDATE <= now < this + (nxt - this) / 2
+            if fresh and meta.get("revoked") == len(entries) and meta.get("ca") == ca_fp:
+                return der
+        number = int(vault.get(self.name, "crl/number") or b"0") + 1
+        vault.put(self.name, "crl/number", str(number).encode(), secret=False)
+        this_update = (now - BACKDATE).replace(microsecond=0)
+        next_update = this_update + self._crl_validity
+        der = crl.build_crl(
+            signer.cert,
+            signer.key,
+            entries,
+            number=number,
+            this_update=this_update,
+            next_update=next_update,
+        )
+        vault.put(self.name, "crl/der", der, secret=False)
+        meta = {
+            "number": number,
+            "this_update": this_update.isoformat(),
+            "next_update": next_update.isoformat(),
+            "revoked": len(entries),
+            "ca": ca_fp,
+        }
+        vault.put(self.name, "crl/meta", json.dumps(meta).encode(), secret=False)
+        return der
+
+    def ocsp_signer(self) -> ocsp.Signer:
+        """The OCSP responder certificate and key (``ocsp/cert.pem``, ``ocsp/key.pem``,
+        the key encrypted), issued by this CA with id-pkix-ocsp-nocheck, and replaced
+        once two thirds of its lifetime have passed or when the CA changed."""
+        now = self.ctx.clock().astimezone(UTC)
+        cached = self._ocsp_signer
+        if cached is not None and not _due(cached.cert, now):
+            return cached
+        signer = self.load()
+        vault = self.ctx.vault
+        cert_pem = vault.get(self.name, "ocsp/cert.pem")
+        key_pem = vault.get(self.name, "ocsp/key.pem")
+        if cert_pem and key_pem:
+            try:
+                cert = pki.load_cert_pem(cert_pem)
+                key = pki.load_key_pem(key_pem)
+            except pki.PKIError as exc:
+                raise PermanentError(
+                    f"issuer {self.name}: stored OCSP responder is unreadable: {exc}"
+                ) from exc
+            if not _due(cert, now) and pki.signed_by(cert, signer.cert):
+                self._ocsp_signer = ocsp.Signer(cert, key)
+                return self._ocsp_signer
+        key = pki.generate_key(KeySpec("ecdsa", 256))
+        cert = ocsp.build_responder_cert(
+            signer.cert,
+            signer.key,
+            key,
+            issuer_label=_cn_of(signer.cert) or self.name,
+            not_before=now - BACKDATE,
+            lifetime=self._responder_ttl,
+        )
+        vault.put(self.name, "ocsp/key.pem", pki.key_to_pem(key).reveal(), secret=True)
+        vault.put(self.name, "ocsp/cert.pem", pki.cert_pem(cert), secret=False)
+        self._ocsp_signer = ocsp.Signer(cert, key)
+        return self._ocsp_signer
 
     # ---------------------------------------------------------------- loading
     def load(self) -> _Signer:
@@ -664,6 +786,12 @@ def duration_s(value: Any, what: str) -> int:
     if isinstance(value, str) and _DURATION_RE.match(value.strip()):
         return sum(int(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(value))
     raise PermanentError(f"{what}: {value!r} is not a duration (e.g. 90d, 12h, 3600)")
+
+
+def _due(cert: x509.Certificate, now: datetime) -> bool:
+    """A responder certificate is due for rotation after 2/3 of its lifetime."""
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return now >= end - (end - start) / 3
 
 
 def _opt_str(value: Any) -> str | None:

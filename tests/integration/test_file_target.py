@@ -54,7 +54,7 @@ class Materials:
             key = pki.generate_key(KeySpec())
             cert = Certificate(name, f"{name}.test", issuer="ca")
             req = IssueRequest(cert, Profile("p"), key, key.public_key())
-            issued = asyncio.run(ca.issue(req, ca.prepare(req)))
+            issued = asyncio.run(ca.issue(req, asyncio.run(ca.prepare(req))))
             self.cache[version] = Material(
                 name,
                 version,

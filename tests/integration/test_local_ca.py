@@ -80,7 +80,9 @@ def request(
 def issue(
     ca: LocalCAIssuer, req: IssueRequest, payload: Mapping[str, Any] | None = None
 ) -> IssuedCert:
-    issued: IssuedCert = asyncio.run(ca.issue(req, ca.prepare(req) if payload is None else payload))
+    issued: IssuedCert = asyncio.run(
+        ca.issue(req, asyncio.run(ca.prepare(req)) if payload is None else payload)
+    )
     return issued
 
 
@@ -219,7 +221,7 @@ def test_validity_is_capped_by_the_profile_and_backdated(tmp_path: Path) -> None
     clock = FixedClock()
     ca = LocalCAIssuer("ca", ROOT_ONLY, ctx(tmp_path, clock=clock))
     req = request(ttl_s=365 * DAY, max_ttl_s=90 * DAY)
-    payload = ca.prepare(req)
+    payload = asyncio.run(ca.prepare(req))
     assert datetime.fromisoformat(payload["not_before"]) == clock.now - timedelta(minutes=1)
     issued = issue(ca, req, payload)
     assert issued.not_before == clock.now - timedelta(minutes=1)
@@ -241,7 +243,7 @@ def test_leaf_never_outlives_its_ca(tmp_path: Path) -> None:
 def test_same_payload_gives_the_same_certificate(tmp_path: Path) -> None:
     ca = LocalCAIssuer("ca", WITH_INTERMEDIATE, ctx(tmp_path))
     req = request(("idem.test", "b.test"))
-    payload = ca.prepare(req)
+    payload = asyncio.run(ca.prepare(req))
     a = issue(ca, req, payload)
     b = issue(ca, req, json.loads(json.dumps(payload)))
     assert a == b  # byte-identical (deterministic ECDSA): a resumed issue is no new cert

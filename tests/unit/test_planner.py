@@ -396,3 +396,58 @@ def test_no_changes_text() -> None:
     c = cert()
     _, obs = up_to_date(c)
     assert render_text(plan(inventory(c), obs, NOW)).startswith("No changes.")
+
+
+def test_unknown_observation_falls_back_to_the_deployment_record() -> None:
+    """A target that cannot be read back must not hide a deploy that failed or never
+    happened (found in review: a failed deploy was forgotten, plan said no changes)."""
+    c = cert()
+    rec, _ = up_to_date(c)
+    unknown = [TargetObservation("www", "files", TargetState.UNKNOWN, detail="EACCES")]
+    assert codes(plan(inventory(c), observed([rec], [], unknown), NOW)) == [R.NEW_TARGET]
+    old = replace(deployed(c, rec.current), version=0, fingerprint="0" * 64)  # type: ignore[arg-type]
+    assert codes(plan(inventory(c), observed([rec], [old], unknown), NOW)) == [R.OUTDATED_ON_TARGET]
+
+
+def test_force_lifts_the_backoff() -> None:
+    from certctl.plan.planner import spec_digest
+
+    c = cert()
+    rec = CertRecord(
+        "www",
+        None,
+        failures=2,
+        next_attempt_at=NOW + timedelta(days=9),
+        spec_digest=spec_digest(c, PROFILE),
+    )
+    assert plan(inventory(c), observed([rec]), NOW).actions == ()
+    forced = plan(inventory(c), observed([rec]), NOW, PlanOptions(force=frozenset({"www"})))
+    assert codes(forced, ActionKind.ISSUE) == [R.NOT_ISSUED]
+    assert "blocked until" in plan(inventory(c), observed([rec]), NOW).skipped["www"]
+
+
+@pytest.mark.parametrize(
+    "renew_before", [RenewBefore(fraction=0.95), RenewBefore(None, 29 * 86400)]
+)
+def test_a_window_as_long_as_the_lifetime_does_not_renew_every_run(
+    renew_before: RenewBefore,
+) -> None:
+    c = cert(renew_before=renew_before)  # 30d certificates
+    for serial in ("01", "02", "03", "04", "05", "06"):
+        v = version(c, issued=NOW - timedelta(hours=1), serial=serial)
+        due = renewal_time(c, v)
+        assert due > v.not_before + timedelta(days=1), serial
+        rec = CertRecord(c.name, v)
+        dep = deployed(c, v)
+        assert plan(inventory(c), observed([rec], [dep], [match(c)]), NOW).actions == ()
+
+
+def test_saved_plan_keeps_its_options() -> None:
+    from certctl.plan.planner import options_of
+
+    c = cert()
+    _, obs = up_to_date(c)
+    p = plan(inventory(c), obs, NOW, PlanOptions(force=frozenset({"www"})))
+    back = plan_from_json(render_json(p))
+    assert options_of(back) == PlanOptions(force=frozenset({"www"}))
+    assert plan(inventory(c), obs, NOW, options_of(back)).input_digest == p.input_digest

@@ -114,9 +114,7 @@ class RateLimiter:
 
     def _prune(self, now: float) -> None:
         full = [
-            k
-            for k, b in self._buckets.items()
-            if b.tokens + (now - b.at) * self.rate >= self.burst
+            k for k, b in self._buckets.items() if b.tokens + (now - b.at) * self.rate >= self.burst
         ]
         for k in full:
             del self._buckets[k]

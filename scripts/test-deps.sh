@@ -5,6 +5,8 @@ set -euo pipefail
 
 need=()
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# ACME tests: Pebble and pebble-challtestsrv (Debian package "pebble").
+[[ -x /usr/bin/pebble && -x /usr/bin/pebble-challtestsrv ]] || need+=(pebble)
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
   need+=(postgresql)
 fi

@@ -21,20 +21,12 @@ from certctl.apply.executor import ApplyReport, ApplySettings
 from certctl.engine import Engine, default_holder
 from certctl.errors import CertctlError
 from certctl.model import Plan
+from certctl.pki import crl
 from certctl.plan.planner import PlanOptions, count_line
 from certctl.plan.render import plan_from_json, render, render_json, render_text
 
-REVOCATION_REASONS = (
-    "unspecified",
-    "keyCompromise",
-    "cACompromise",
-    "affiliationChanged",
-    "superseded",
-    "cessationOfOperation",
-    "certificateHold",
-    "privilegeWithdrawn",
-    "aACompromise",
-)
+#: RFC 5280 reason names, as `--reason` accepts them.
+REVOCATION_REASONS = tuple(crl.REASONS)
 
 
 def _fail(message: str) -> NoReturn:
@@ -234,8 +226,14 @@ def _run_apply(
             click.echo(render_text(plan), nl=False)
         return
     _print_report(plan, report)
-    if report.failed:
+    _print_publish_problems(eng.publish_problems)
+    if report.failed or eng.publish_problems:
         sys.exit(1)
+
+
+def _print_publish_problems(problems: list[str]) -> None:
+    for p in problems:
+        click.echo(f"  FAILED to publish: {p}", err=True)
 
 
 @cli.command()
@@ -331,6 +329,7 @@ def revoke(
         plan = Plan(actions=actions, input_digest="", created_at=eng.clock())
         ex = Executor(inv, snap, store, eng, eng.clock, holder=default_holder())
         report = asyncio.run(ex.run(plan))
+        problems = eng.after_run()  # e.g. rewrite the issuer's crl_file, under the lock
     finally:
         store.release_apply_lock()
     failed = {r.action.cert: r.error for r in report.failed}
@@ -339,7 +338,8 @@ def revoke(
             click.echo(f"Revoked {c.name} serial {c.version.serial} ({reason}).")
     for name, error in failed.items():
         click.echo(f"  FAILED revoke {name}: {error}", err=True)
-    if failed:
+    _print_publish_problems(problems)
+    if failed or problems:
         sys.exit(1)
     click.echo(
         "The next plan issues replacements unless the inventory marks them `revoked: true`."
@@ -356,6 +356,48 @@ def _cert_status(rec_current: Any, now: datetime, retired: bool) -> str:
     if rec_current.not_after <= now:
         return "expired"
     return "valid"
+
+
+@cli.command("crl")
+@click.argument("issuer")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write it to FILE.")
+@click.option("--pem", is_flag=True, help="PEM instead of DER.")
+@click.pass_context
+def crl_cmd(ctx: click.Context, issuer: str, out: Path | None, pem: bool) -> None:
+    """Print (or write to FILE) ISSUER's current CRL, regenerated when a revocation
+    happened or half its validity passed; also rewrites the issuer's crl_file."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    eng = _engine(ctx)
+    if issuer not in eng.inventory().issuers:
+        raise CertctlError(f"unknown issuer {issuer!r}")
+    conn = eng.issuer(issuer)
+    publish = getattr(conn, "publish_crl", None)
+    if not callable(publish):
+        raise CertctlError(f"issuer {issuer} ({type(conn).type_name}) does not publish a CRL")
+    der = publish()
+    assert isinstance(der, bytes)
+    parsed = x509.load_der_x509_crl(der)
+    data = parsed.public_bytes(Encoding.PEM) if pem else der
+    number = parsed.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    nxt = parsed.next_update_utc.isoformat() if parsed.next_update_utc else "-"
+    where = getattr(conn, "crl_path", None)
+    click.echo(
+        f"CRL {number} of {issuer}: {len(parsed)} revoked, next update {nxt}"
+        + (f"; crl_file {where}" if where else ""),
+        err=True,
+    )
+    if out is not None:
+        try:
+            out.write_bytes(data)
+        except OSError as exc:
+            raise CertctlError(f"cannot write {out}: {exc.strerror}") from None
+        return
+    if not pem and sys.stdout.isatty():
+        raise CertctlError("a DER CRL is binary: pass --out FILE or --pem")
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
 
 
 @cli.command()
@@ -439,7 +481,7 @@ def show(ctx: click.Context, name: str, fmt: str) -> None:
     if not versions:
         raise CertctlError(f"{name}: not in state (never issued)")
     cur = versions[0]
-    cert_pem, chain_pem, _ = store.material(name, cur.version)
+    cert_pem, chain_pem = store.certificate_pems(name, cur.version)
     info = pki.describe(x509.load_pem_x509_certificate(cert_pem))
     snap = store.snapshot()
     deps = [

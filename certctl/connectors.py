@@ -21,7 +21,7 @@ import importlib
 import importlib.util
 import pkgutil
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -70,6 +70,9 @@ class ConnectorContext:
     vault: IssuerVault
     syncer: FileSyncer
     settings: Mapping[str, Any] = field(default_factory=dict)
+    #: Scratch space connectors of one engine share (e.g. one SSH connection pool per
+    #: event loop for all SSH targets), keyed by a name the connector module owns.
+    shared: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------
@@ -88,6 +91,14 @@ class IssueRequest:
     profile: Profile
     private_key: Any
     public_key: Any
+    #: The version this issuance replaces (a renewal), if any (ACME ``replaces``).
+    previous: VersionRecord | None = None
+    #: Set by the executor once the payload is journaled: an issuer whose payload
+    #: stopped being usable (an ACME order that went invalid) journals its
+    #: replacement through this before any side effect on it (e.g. finalize).
+    journal: Callable[[Mapping[str, Any]], Awaitable[None]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
 
 @dataclass(frozen=True)
@@ -136,6 +147,20 @@ class Issuer(abc.ABC):
 
     @abc.abstractmethod
     async def revoke(self, version: VersionRecord, reason: str) -> None: ...
+
+    def renewal_windows(
+        self, versions: Sequence[VersionRecord]
+    ) -> Mapping[str, tuple[datetime, datetime]]:
+        """The CA's suggested renewal window (RFC 9773 ARI) for each version it has one
+        for, by certificate name. Called while observing (synchronously, in one batch
+        per issuer); must not raise for a single certificate. Default: none."""
+        return {}
+
+    def after_run(self) -> None:
+        """Called once after an apply or ``certctl revoke`` run (under the apply lock)
+        for each issuer the run used, to publish what the run changed (the local CA
+        rewrites its ``crl_file``). Raise a CertctlError when that fails."""
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -221,6 +246,11 @@ class Target(abc.ABC):
 
     @abc.abstractmethod
     def observe(self, items: Sequence[ObserveItem]) -> list[TargetObservation]: ...
+
+    async def close(self) -> None:
+        """Release what this instance holds in the running event loop (connections);
+        the executor calls it once at the end of a run. Idempotent."""
+        return None
 
 
 class Notifier(abc.ABC):

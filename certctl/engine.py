@@ -18,9 +18,10 @@ from typing import Any
 from certctl.apply.executor import ApplyReport, ApplySettings, Executor
 from certctl.apply.syncer import BatchSyncer
 from certctl.connectors import ConnectorContext, Issuer, Registry, Target, default_registry
-from certctl.errors import InventoryError, PermanentError, StalePlanError
+from certctl.errors import CertctlError, InventoryError, PermanentError, StalePlanError
 from certctl.inventory import load_inventory
 from certctl.model import Inventory, Observed, Plan
+from certctl.observe.ari import observe_renewal_windows
 from certctl.observe.targets import observe_targets
 from certctl.plan.planner import PlanOptions, options_of, plan
 from certctl.state import open_store
@@ -54,6 +55,8 @@ class Engine:
     _issuers: dict[str, Issuer] = field(default_factory=dict)
     _targets: dict[str, Target] = field(default_factory=dict)
     _ctx: ConnectorContext | None = None
+    #: What :meth:`after_run` reported after the last :meth:`apply`.
+    publish_problems: list[str] = field(default_factory=list)
 
     # ---------------------------------------------------------------- pieces
     def __post_init__(self) -> None:
@@ -117,6 +120,17 @@ class Engine:
             self._targets[name] = cls(name, self.context())
         return self._targets[name]
 
+    def after_run(self) -> list[str]:
+        """Let each issuer a run used publish what changed (see ``Issuer.after_run``);
+        returns the problems (the run itself already succeeded or failed)."""
+        problems: list[str] = []
+        for name in sorted(self._issuers):
+            try:
+                self._issuers[name].after_run()
+            except CertctlError as exc:
+                problems.append(f"issuer {name}: {exc}")
+        return problems
+
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
@@ -126,7 +140,8 @@ class Engine:
     def observe(self) -> Observed:
         inv = self.inventory()
         snap = self.store().snapshot()
-        return Observed(snap, observe_targets(inv, snap, self.target))
+        windows = observe_renewal_windows(inv, snap, self.issuer, self.get_registry())
+        return Observed(snap, observe_targets(inv, snap, self.target), windows)
 
     def plan(self, options: PlanOptions = PlanOptions()) -> tuple[Plan, Observed]:
         observed = self.observe()
@@ -191,6 +206,7 @@ class Engine:
             )
             ex.preload_materials(todo)
             report = asyncio.run(ex.run(todo))
+            self.publish_problems = self.after_run()
             return todo, report
         finally:
             store.release_apply_lock()

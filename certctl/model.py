@@ -238,12 +238,15 @@ class Placement:
 
     ``config`` is the target's configuration rendered for this certificate and host
     (paths templated, group/host vars merged); it is what the target connector gets.
+    ``connection`` says how to reach the host: its ``name``, ``address`` and merged
+    ``vars`` (empty for a local placement); e.g. SSH targets read ``vars.ssh`` there.
     """
 
     target: str
     type: str
     host: str | None = None
     config: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    connection: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def id(self) -> str:
@@ -397,12 +400,20 @@ class StateSnapshot:
 class Observed:
     state: StateSnapshot
     targets: Mapping[tuple[str, str], TargetObservation] = field(default_factory=dict)
+    #: The CA's suggested renewal window (RFC 9773 ARI) for a certificate's current
+    #: version, by certificate name (only where the issuer offers one).
+    renewal_windows: Mapping[str, tuple[datetime, datetime]] = field(default_factory=dict)
 
     def digest(self) -> str:
         obs = sorted(
             (k[0], k[1], v.state.value, v.fingerprint or "") for k, v in self.targets.items()
         )
-        return stable_digest({"generation": self.state.generation, "targets": obs})
+        doc: dict[str, Any] = {"generation": self.state.generation, "targets": obs}
+        if self.renewal_windows:
+            doc["renewal_windows"] = sorted(
+                (k, s.isoformat(), e.isoformat()) for k, (s, e) in self.renewal_windows.items()
+            )
+        return stable_digest(doc)
 
 
 # ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ rename, so a target never holds a half-written file.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -141,6 +142,7 @@ class Executor:
         self._open_revokes: list[StoredIntent] = []
         self._deploy_slots = asyncio.Semaphore(max(1, settings.concurrency))
         self._deploy_intents: dict[tuple[str, str], str] = {}
+        self._used_targets: dict[str, Target] = {}  # closed at the end of run()
         self._materials: dict[tuple[str, int], tuple[bytes, bytes, SecretBytes | None]] = {}
         self.faults = Failpoints()
 
@@ -183,6 +185,11 @@ class Executor:
             )
             status = "ok" if not report.failed else "failed"
         finally:
+            for used in self._used_targets.values():
+                try:
+                    await used.close()
+                except Exception:
+                    log.debug("closing a target failed", exc_info=True)
             report.transactions = self.writer.transactions
             summary = {"done": report.done_counts(), "failed": len(report.failed)}
             await asyncio.to_thread(self.store.finish_run, self.run_id, status, summary)
@@ -376,17 +383,18 @@ class Executor:
         record = self.snapshot.certs.get(name)
         resumed = self._resumable.pop(name, None)
 
+        previous = record.current if record is not None else None
         if resumed is not None and resumed.key_pem is not None:
             key = pki.load_key_pem(resumed.key_pem.reveal())
             key_pem = resumed.key_pem
-            req = IssueRequest(cert, profile, key, key.public_key())
+            req = IssueRequest(cert, profile, key, key.public_key(), previous)
             payload: Mapping[str, Any] = {
                 k: v for k, v in resumed.payload.items() if k != SPEC_FIELD
             }
             intent_id = resumed.id
         else:
             key, key_pem = await self._new_or_reused_key(cert, record)
-            req = IssueRequest(cert, profile, key, key.public_key())
+            req = IssueRequest(cert, profile, key, key.public_key(), previous)
             payload = await issuer.prepare(req)
             intent_id = uuid.uuid4().hex
             await self.writer.write(
@@ -404,8 +412,41 @@ class Executor:
                 )
             )
 
+        journaled: dict[str, Any] = {"intent": intent_id, "payload": payload}
+
+        async def rejournal(replacement: Mapping[str, Any]) -> None:
+            """The issuer's payload changed (a new ACME order): journal the replacement,
+            with the same key, before the issuer acts on it; retries use it too."""
+            new_id = uuid.uuid4().hex
+            spec = spec_digest(cert, profile)
+            await self.writer.write(
+                Batch(
+                    intents=[
+                        IntentRecord(
+                            new_id,
+                            name,
+                            action.kind.value,
+                            None,
+                            {**replacement, SPEC_FIELD: spec},
+                            key_pem,
+                        )
+                    ],
+                    closed_intents=[(str(journaled["intent"]), "replaced")],
+                    audit=[
+                        AuditEvent(
+                            f"{action.kind.value}.payload_replaced",
+                            cert=name,
+                            run_id=self.run_id,
+                        )
+                    ],
+                )
+            )
+            journaled["intent"], journaled["payload"] = new_id, dict(replacement)
+
+        req = dataclasses.replace(req, journal=rejournal)
         self.faults.hit("after_issue_intent")
-        issued = await self._with_retries(lambda: issuer.issue(req, payload))
+        issued = await self._with_retries(lambda: issuer.issue(req, journaled["payload"]))
+        intent_id = str(journaled["intent"])
         self.faults.hit("after_issue")
         prev = record.current.version if record is not None and record.current else 0
         version = VersionRecord(
@@ -543,6 +584,11 @@ class Executor:
                 attempt += 1
                 if attempt >= self.settings.retries:
                     raise
+                ra = exc.retry_after
+                if ra is not None and ra > self.settings.max_retry_delay_s:
+                    # Too long to wait in this run: fail now; the cross-run backoff is
+                    # at least retry_after (_record_issue_failure).
+                    raise
                 delay = exc.retry_after or self.settings.retry_base_s * 2 ** (attempt - 1)
                 await self.sleep(min(delay, self.settings.max_retry_delay_s))
 
@@ -602,6 +648,7 @@ class Executor:
                 )
             )
         target = self.conns.target(placement.target)
+        self._used_targets[placement.target] = target
         staged: Staged | None = None
         try:
             staged = await target.stage(placement, material)

@@ -326,7 +326,13 @@ class _Builder:
                         ok = False
                         continue
                     config = rendered
-                placement = Placement(tname, spec.definition.type, host, config)
+                placement = Placement(
+                    tname,
+                    spec.definition.type,
+                    host,
+                    config,
+                    self.host_ctx[host] if host is not None else {},
+                )
                 try:
                     messages = list(spec.cls.check_placement(placement, root))
                 except Exception as exc:  # a connector bug must not become a traceback

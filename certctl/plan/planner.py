@@ -5,7 +5,8 @@ retire -- and why -- is made in this module and testable with a fake clock.
 
 Renewal checks run in a fixed order and every applicable reason is listed, the first
 one being the primary (cert-manager's trigger order): not issued, issuer changed, key
-spec changed, names changed, profile changed, forced, expired, inside the renewal
+spec changed, names changed, profile changed, forced, expired, past a random moment
+inside the CA's suggested window (ARI, where the issuer offers it), inside the renewal
 window. Issuing and deploying are separate actions: a new target, a missing or
 changed file deploys the existing certificate without reissuing it.
 """
@@ -84,6 +85,21 @@ def renewal_time(cert: Certificate, version: VersionRecord) -> datetime:
     # large renew_before, or a leaf clamped by its CA's expiry) must not renew on
     # every run.
     return version.not_after - timedelta(seconds=min(window + jitter, lifetime * MAX_WINDOW))
+
+
+def ari_renewal_time(
+    cert: Certificate, version: VersionRecord, window: tuple[datetime, datetime]
+) -> datetime:
+    """A moment inside the CA's suggested window (RFC 9773 ARI), chosen uniformly at
+    random but deterministically per certificate, version and window, so every plan
+    agrees and a fleet spreads out over the window. The configured renewal window
+    still applies too: whichever comes first renews."""
+    start, end = window
+    seed = hashlib.sha256(
+        f"ari:{cert.name}:{version.serial}:{start.isoformat()}:{end.isoformat()}".encode()
+    ).digest()
+    frac = int.from_bytes(seed[:8], "big") / 2**64
+    return start + (end - start) * frac
 
 
 def plan(
@@ -170,7 +186,8 @@ def _plan_certificate(
         return []
 
     profile = profile_for(inv, cert)
-    issue_reasons = list(_issue_reasons(cert, profile, record, current, now, options))
+    window = observed.renewal_windows.get(cert.name)
+    issue_reasons = list(_issue_reasons(cert, profile, record, current, now, options, window))
     if issue_reasons:
         held = None if cert.name in options.force else _backoff(cert, profile, record, now)
         if held is not None:
@@ -221,6 +238,7 @@ def _issue_reasons(
     current: VersionRecord | None,
     now: datetime,
     options: PlanOptions,
+    ari: tuple[datetime, datetime] | None = None,
 ) -> Iterable[Reason]:
     if current is None:
         yield R.reason(R.NOT_ISSUED)
@@ -242,6 +260,8 @@ def _issue_reasons(
     if now >= current.not_after:
         yield R.reason(R.EXPIRED, not_after=current.not_after.isoformat())
     else:
+        if ari is not None and now >= ari_renewal_time(cert, current, ari):
+            yield R.reason(R.ARI_WINDOW, start=ari[0].isoformat(), end=ari[1].isoformat())
         due = renewal_time(cert, current)
         if now >= due:
             left = current.not_after - now

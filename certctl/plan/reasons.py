@@ -17,6 +17,7 @@ PROFILE_CHANGED = "profile_changed"
 FORCED = "forced"
 EXPIRED = "expired"
 RENEWAL_WINDOW = "renewal_window"
+ARI_WINDOW = "ari_window"
 NEW_VERSION = "new_version"
 NEW_TARGET = "new_target"
 MISSING_ON_TARGET = "missing_on_target"
@@ -38,6 +39,7 @@ MESSAGES: dict[str, str] = {
     FORCED: "renewal forced",
     EXPIRED: "expired at {not_after}",
     RENEWAL_WINDOW: "inside the renewal window ({left} left, renew_before {renew_before})",
+    ARI_WINDOW: "ARI suggests renewal between {start} and {end}",
     NEW_VERSION: "deploy the new certificate",
     NEW_TARGET: "new target: deploys the existing certificate",
     MISSING_ON_TARGET: "missing on target: {detail}",

@@ -366,7 +366,10 @@ def create_app(
 
 
 def run(app: Starlette, settings: ServerSettings) -> None:
-    """Serve until SIGINT/SIGTERM; in-flight requests get ``shutdown_timeout``."""
+    """Serve until SIGINT/SIGTERM; in-flight requests get ``shutdown_timeout``, then
+    the function returns (the process exits 0: a stop asked for is not a failure)."""
+    import signal
+
     import uvicorn
 
     config = uvicorn.Config(
@@ -381,4 +384,19 @@ def run(app: Starlette, settings: ServerSettings) -> None:
         timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_timeout)),
         lifespan="on",
     )
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+
+    # uvicorn installs its own handlers while it serves and, once it has shut down,
+    # restores the previous ones and raises the signal again. These handlers take
+    # that re-raised signal (instead of dying by SIGTERM or a KeyboardInterrupt), and
+    # a signal that arrives before uvicorn's handlers are in place stops it too.
+    def stop(sig: int, frame: object) -> None:
+        server.should_exit = True
+
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, stop) for sig in stops}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

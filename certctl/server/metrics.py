@@ -5,19 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from certctl.state.base import StateStore
+from certctl.state.base import RunStats, StateStore
 from certctl.state.common import cert_status
 
 EXPIRING_WINDOW = timedelta(days=30)
 STATUSES = ("active", "revoked", "retired", "not_issued", "expired")
+#: Upper bounds (s) of the run duration histogram's buckets.
+RUN_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 
 class StateCollector(Collector):
     """Certificates by status, expiring soon, per-certificate expiry, audit counts,
-    failing issuance, and the last run of each kind."""
+    failing issuance, the last run of each kind, runs by status and their durations."""
 
     def __init__(self, store: StateStore, clock: Callable[[], datetime]) -> None:
         self._store = store
@@ -26,7 +28,9 @@ class StateCollector(Collector):
     def describe(self) -> list[GaugeMetricFamily]:
         return []  # collected at scrape time only
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(
+        self,
+    ) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         now = self._clock()
         snap = self._store.snapshot()
         by_status = dict.fromkeys(STATUSES, 0)
@@ -97,3 +101,38 @@ class StateCollector(Collector):
                 [run.kind, run.status], (run.finished_at - run.started_at).total_seconds()
             )
         yield last
+        yield from _run_families(self._store.run_stats(RUN_BUCKETS))
+
+
+def _run_families(
+    stats: list[RunStats],
+) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+    """``certctl_runs_total{kind,status}`` and ``certctl_run_duration_seconds{kind}``
+    (runs that finished ok or failed; a crashed run's end is when it was found)."""
+    runs = CounterMetricFamily(
+        "certctl_runs", "Runs recorded in the state, by kind and status.", labels=["kind", "status"]
+    )
+    timed: dict[str, tuple[int, float, list[int]]] = {}
+    for st in stats:
+        runs.add_metric([st.kind, st.status], st.count)
+        if st.status in ("ok", "failed"):
+            n, total, within = timed.get(st.kind, (0, 0.0, [0] * len(RUN_BUCKETS)))
+            timed[st.kind] = (
+                n + st.finished,
+                total + st.seconds,
+                [a + b for a, b in zip(within, st.within, strict=True)],
+            )
+    yield runs
+    hist = HistogramMetricFamily(
+        "certctl_run_duration_seconds",
+        "Durations of finished runs (ok or failed), by kind.",
+        labels=["kind"],
+    )
+    for kind, (n, total, within) in sorted(timed.items()):
+        buckets = [(_bound(b), float(c)) for b, c in zip(RUN_BUCKETS, within, strict=True)]
+        hist.add_metric([kind], [*buckets, ("+Inf", float(n))], total)
+    yield hist
+
+
+def _bound(b: float) -> str:
+    return str(float(b))

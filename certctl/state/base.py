@@ -135,6 +135,19 @@ class RunRecord:
     summary: Mapping[str, Any]
 
 
+@dataclass(frozen=True)
+class RunStats:
+    """Runs of one kind and status: how many, how many finished, the total of their
+    durations (s) and, per upper bound asked for, how many finished within it."""
+
+    kind: str
+    status: str
+    count: int
+    finished: int
+    seconds: float
+    within: tuple[int, ...]
+
+
 class StateStore(abc.ABC):
     """Abstract state store. See module docstring for the rules."""
 
@@ -184,6 +197,11 @@ class StateStore(abc.ABC):
         self, keys: Sequence[tuple[str, int]]
     ) -> dict[tuple[str, int], tuple[bytes, bytes, SecretBytes | None]]:
         """Batch form of :meth:`material`."""
+
+    @abc.abstractmethod
+    def certificate_pems(self, cert: str, version: int) -> tuple[bytes, bytes]:
+        """(cert_pem, chain_pem) of one version, without touching (or decrypting) its key:
+        for showing a certificate where the state key is not at hand."""
 
     @abc.abstractmethod
     def open_intents(self) -> list[StoredIntent]:
@@ -266,6 +284,10 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def audit_counts(self) -> dict[str, int]:
         """How many audit events of each kind there are."""
+
+    @abc.abstractmethod
+    def run_stats(self, bounds: Sequence[float]) -> list[RunStats]:
+        """Per (kind, status): counts and durations of the runs, for metrics."""
 
     @abc.abstractmethod
     def create_api_key(self, name: str, token_hash: str) -> None:

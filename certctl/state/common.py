@@ -33,7 +33,7 @@ from certctl.model import (
     VersionRecord,
 )
 from certctl.state import crypto
-from certctl.state.base import Batch, RunRecord, StateStore, StoredIntent
+from certctl.state.base import Batch, RunRecord, RunStats, StateStore, StoredIntent
 
 STATE_DIR = ".certctl"
 #: Chunk size for IN-lists / unnest arrays of batch reads.
@@ -664,6 +664,8 @@ class ServerReads(abc.ABC):
 
     #: ``COLLATE`` clause giving byte-wise order (empty on SQLite: BINARY is the default).
     _collate = ""
+    #: A run's duration in seconds (NULL while it runs), from its timestamp columns.
+    _run_seconds = "(julianday(finished_at) - julianday(started_at)) * 86400.0"
 
     @abc.abstractmethod
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
@@ -680,6 +682,41 @@ class ServerReads(abc.ABC):
     @abc.abstractmethod
     def _ts_in(self, value: datetime | None) -> Any:
         """Encode a timestamp parameter."""
+
+    # The plain reads of the StateStore interface, written once for both backends.
+    def versions(self, cert: str) -> list[VersionRecord]:
+        rows = self._query(
+            f"SELECT {VERSION_COLUMNS} FROM certificate_versions "
+            "WHERE cert = ? ORDER BY version DESC",
+            (cert,),
+        )
+        return [version_from_row(r, self._ts_out) for r in rows]
+
+    def certificate_pems(self, cert: str, version: int) -> tuple[bytes, bytes]:
+        rows = self._query(
+            "SELECT cert_pem, chain_pem FROM certificate_versions WHERE cert = ? AND version = ?",
+            (cert, version),
+        )
+        if not rows:
+            raise StateError(f"{cert}: version {version} is not in the state")
+        return bytes(rows[0][0]), bytes(rows[0][1])
+
+    def runs(self, limit: int = 20) -> list[RunRecord]:
+        rows = self._query(
+            "SELECT id, kind, holder, started_at, finished_at, status, summary "
+            "FROM runs ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [run_from_row(r, self._ts_out) for r in rows]
+
+    def audit_log(self, limit: int = 100, cert: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT id, at, event, cert, placement, run_id, detail FROM audit"
+        params: tuple[Any, ...] = ()
+        if cert is not None:
+            sql += " WHERE cert = ?"
+            params = (cert,)
+        rows = self._query(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
+        return [audit_from_row(r, self._ts_out) for r in rows]
 
     def generation(self) -> int:
         rows = self._query("SELECT generation FROM meta WHERE id = 1")
@@ -827,6 +864,26 @@ class ServerReads(abc.ABC):
     def audit_counts(self) -> dict[str, int]:
         rows = self._query("SELECT event, COUNT(*) FROM audit GROUP BY event")
         return {str(r[0]): int(r[1]) for r in rows}
+
+    def run_stats(self, bounds: Sequence[float]) -> list[RunStats]:
+        within = "".join(", SUM(CASE WHEN d <= ? THEN 1 ELSE 0 END)" for _ in bounds)
+        rows = self._query(
+            f"SELECT kind, status, COUNT(*), COUNT(d), COALESCE(SUM(d), 0){within} "
+            f"FROM (SELECT kind, status, {self._run_seconds} AS d FROM runs) AS r "
+            "GROUP BY kind, status ORDER BY kind, status",
+            [float(b) for b in bounds],
+        )
+        return [
+            RunStats(
+                str(r[0]),
+                str(r[1]),
+                int(r[2]),
+                int(r[3]),
+                float(r[4]),
+                tuple(int(n or 0) for n in r[5:]),
+            )
+            for r in rows
+        ]
 
     def create_api_key(self, name: str, token_hash: str) -> None:
         if not name or len(name) > 100:

@@ -32,9 +32,9 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from certctl.errors import LockedError, StateError
-from certctl.model import SecretBytes, StateSnapshot, VersionRecord
+from certctl.model import SecretBytes, StateSnapshot
 from certctl.state import common, crypto
-from certctl.state.base import Batch, RunRecord, StoredIntent
+from certctl.state.base import Batch, StoredIntent
 
 _ts = common.ts_native
 _dt = common.ts_from_pg
@@ -364,15 +364,6 @@ class PostgresStore(common.ServerReads, common.BaseStore):
             generation = int(row[0]) if row else 0
             return common.build_snapshot(certs, deps, intents, generation, _dt)
 
-    def versions(self, cert: str) -> list[VersionRecord]:
-        with self._conn() as conn:
-            rows = conn.execute(
-                f"SELECT {common.VERSION_COLUMNS} FROM certificate_versions "
-                "WHERE cert = %s ORDER BY version DESC",
-                (cert,),
-            ).fetchall()
-        return [common.version_from_row(r, _dt) for r in rows]
-
     def material(self, cert: str, version: int) -> tuple[bytes, bytes, SecretBytes | None]:
         found = self.materials([(cert, version)])
         if (cert, version) not in found:
@@ -403,32 +394,6 @@ class PostgresStore(common.ServerReads, common.BaseStore):
             rows = conn.execute(common.OPEN_INTENTS_SQL).fetchall()
         return [self._stored_intent(r, _dt) for r in rows]
 
-    def runs(self, limit: int = 20) -> list[RunRecord]:
-        with self._conn() as conn:
-            rows = conn.execute(
-                "SELECT id, kind, holder, started_at, finished_at, status, summary "
-                "FROM runs ORDER BY id DESC LIMIT %s",
-                (limit,),
-            ).fetchall()
-        return [common.run_from_row(r, _dt) for r in rows]
-
-    def audit_log(self, limit: int = 100, cert: str | None = None) -> list[dict[str, Any]]:
-        with self._conn() as conn:
-            if cert is None:
-                rows = conn.execute(
-                    "SELECT id, at, event, cert, placement, run_id, detail FROM audit "
-                    "ORDER BY id DESC LIMIT %s",
-                    (limit,),
-                ).fetchall()
-            else:
-                rows = conn.execute(
-                    "SELECT id, at, event, cert, placement, run_id, detail FROM audit "
-                    "WHERE cert = %s ORDER BY id DESC LIMIT %s",
-                    (cert, limit),
-                ).fetchall()
-        return [common.audit_from_row(r, _dt) for r in rows]
-
-    # ----------------------------------------------------------------- writes
     def write(self, batch: Batch) -> None:
         if not batch:
             return
@@ -483,6 +448,7 @@ class PostgresStore(common.ServerReads, common.BaseStore):
 
     # ------------------------------------------------- server reads (common.py)
     _collate = ' COLLATE "C"'
+    _run_seconds = "EXTRACT(EPOCH FROM finished_at - started_at)"
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
         with self._conn() as conn:

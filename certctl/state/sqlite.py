@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from certctl.errors import LockedError, StateError
-from certctl.model import SecretBytes, StateSnapshot, VersionRecord
+from certctl.model import SecretBytes, StateSnapshot
 from certctl.state import common, crypto
-from certctl.state.base import Batch, RunRecord, StoredIntent
+from certctl.state.base import Batch, StoredIntent
 
 _ts = common.ts_text
 _dt = common.ts_parse
@@ -301,15 +301,6 @@ class SQLiteStore(common.ServerReads, common.BaseStore):
                 row = conn.execute("SELECT generation FROM meta WHERE id = 1").fetchone()
             return common.build_snapshot(certs, deps, intents, int(row[0]), _dt)
 
-    def versions(self, cert: str) -> list[VersionRecord]:
-        with self._tx("DEFERRED") as conn:
-            rows = conn.execute(
-                f"SELECT {common.VERSION_COLUMNS} FROM certificate_versions "
-                "WHERE cert = ? ORDER BY version DESC",
-                (cert,),
-            ).fetchall()
-        return [common.version_from_row(r, _dt) for r in rows]
-
     def material(self, cert: str, version: int) -> tuple[bytes, bytes, SecretBytes | None]:
         found = self.materials([(cert, version)])
         if (cert, version) not in found:
@@ -342,25 +333,6 @@ class SQLiteStore(common.ServerReads, common.BaseStore):
         with self._tx("DEFERRED") as conn:
             rows = conn.execute(common.OPEN_INTENTS_SQL).fetchall()
         return [self._stored_intent(r, _dt) for r in rows]
-
-    def runs(self, limit: int = 20) -> list[RunRecord]:
-        with self._tx("DEFERRED") as conn:
-            rows = conn.execute(
-                "SELECT id, kind, holder, started_at, finished_at, status, summary "
-                "FROM runs ORDER BY id DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
-        return [common.run_from_row(r, _dt) for r in rows]
-
-    def audit_log(self, limit: int = 100, cert: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT id, at, event, cert, placement, run_id, detail FROM audit"
-        params: tuple[Any, ...] = ()
-        if cert is not None:
-            sql += " WHERE cert = ?"
-            params = (cert,)
-        with self._tx("DEFERRED") as conn:
-            rows = conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
-        return [common.audit_from_row(r, _dt) for r in rows]
 
     # ----------------------------------------------------------------- writes
     def write(self, batch: Batch) -> None:

@@ -14,7 +14,13 @@ package (``ClientV2`` over ``ClientNetwork``); this module drives it:
   finalizes. ``issue`` always works from the order URL: ``valid`` -> download the
   certificate again, ``pending``/``ready``/``processing`` -> carry on, ``invalid`` ->
   :class:`PermanentError` with the CA's problem. An order that was created but never
-  journaled (a crash in between) is never finalized and simply expires at the CA.
+  journaled (a crash in between) is never finalized and simply expires at the CA. A
+  *resumed* order that turned invalid (not by a policy refusal), expired or is gone
+  is replaced once: the new order's payload goes through ``IssueRequest.journal``
+  (the executor journals it) before anything is answered or finalized.
+* **ARI** (RFC 9773): :meth:`AcmeIssuer.renewal_windows` fetches the suggested
+  windows during observe (bounded concurrency, cached in the vault until the CA's
+  Retry-After); a renewal's order carries ``replaces``.
 * **Concurrency**: the blocking library calls run in a per-issuer thread pool; orders
   in flight are bounded by a per-issuer semaphore (``max_concurrent_orders``); one
   pooled ``requests`` session carries every order. Polling starts at 50 ms and backs
@@ -35,6 +41,7 @@ package (``ClientV2`` over ``ClientNetwork``); this module drives it:
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import email.utils
@@ -43,9 +50,9 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -89,6 +96,15 @@ POLL_FACTOR = 1.5
 REQUEST_ATTEMPTS = 4
 #: A Retry-After up to this long is waited out in place; a longer one is raised.
 INLINE_RETRY_MAX_S = 10.0
+#: ARI (RFC 9773): ask again after the CA's Retry-After, clamped to these bounds, or
+#: after the default when it sends none; a failed fetch is retried after ARI_ERROR_S.
+ARI_DEFAULT_S = 6 * 3600
+ARI_MIN_S = 60
+ARI_MAX_S = 7 * 86400
+ARI_ERROR_S = 3600
+#: At most this many renewalInfo requests in flight per issuer during observe.
+ARI_CONCURRENCY = 8
+ARI_MAX_BODY = 64 * 1024
 
 _SECRET = {
     "oneOf": [
@@ -126,6 +142,37 @@ class _HTTPFault(Exception):
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _OrderLost(Exception):
+    """A journaled order can no longer be finished (invalid for a reason other than
+    the CA's policy, expired, or gone): a new order takes its place."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+#: Problem types by which the CA refuses the names or the request itself: a new order
+#: would be refused the same way, so an invalid order with one of these is final.
+POLICY_PROBLEMS = frozenset(
+    {
+        "rejectedIdentifier",
+        "unsupportedIdentifier",
+        "caa",
+        "badCSR",
+        "badPublicKey",
+        "badSignatureAlgorithm",
+        "userActionRequired",
+        "externalAccountRequired",
+    }
+)
+
+
+class _NewOrder(messages.NewOrder):
+    """newOrder with RFC 9773's ``replaces`` (the ARI certificate ID renewed)."""
+
+    replaces: str | None = jose.field("replaces", omitempty=True)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -348,9 +395,9 @@ class AcmeIssuer(Issuer):
         self._registered = False
         self._blocked_until = 0.0
         self._ls: _LoopState | None = None
-        self._orders: dict[str, messages.OrderResource] = {}
+        self._orders: dict[str, messages.Order] = {}
         #: Counters the tests and benchmark read (no secrets).
-        self.stats = {"orders_created": 0, "finalized": 0, "resumed": 0}
+        self.stats = {"orders_created": 0, "finalized": 0, "resumed": 0, "replaced": 0}
 
     # ---------------------------------------------------------------- plumbing
     def _state(self) -> _LoopState:
@@ -559,20 +606,167 @@ class AcmeIssuer(Issuer):
     async def prepare(self, req: IssueRequest) -> dict[str, Any]:
         """Create the order; its URL is journaled before :meth:`issue` finalizes it."""
         client = await self._ensure_account()
-        csr = self._csr(req)
-        profile = str(self.profile) if self.profile else None
         async with self._state().sem:
-            orderr = await self._call(
-                "new order",
-                lambda: (
-                    client.new_order(csr, profile=profile) if profile else client.new_order(csr)
-                ),
-            )
-        if not orderr.uri:
+            return await self._new_order(client, req)
+
+    async def _new_order(self, client: acme_client.ClientV2, req: IssueRequest) -> dict[str, Any]:
+        """POST newOrder (with ``profile`` and ARI ``replaces`` where they apply) and
+        return the payload to journal. The caller holds the order semaphore."""
+        idents = []
+        for n in req.cert.names:
+            try:
+                ip = ipaddress.ip_address(n)
+            except ValueError:
+                idents.append(messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=n))
+            else:
+                idents.append(messages.Identifier(typ=messages.IDENTIFIER_IP, value=str(ip)))
+        kw: dict[str, Any] = {"identifiers": idents}
+        if self.profile:
+            kw["profile"] = str(self.profile)
+        replaces = await self._replaces(client, req)
+        url = client.directory["newOrder"]
+        while True:
+            order = _NewOrder(**kw, replaces=replaces)
+            try:
+                resp = await self._post(client, url, order, "new order")
+            except AcmeProblem as exc:
+                if replaces is not None and exc.code in ("alreadyReplaced", "malformed"):
+                    replaces = None  # order without it rather than not at all
+                    continue
+                raise
+            break
+        location = resp.headers.get("Location")
+        if not location:
             raise PermanentError(f"issuer {self.name}: the CA gave no order URL")
+        try:
+            body = messages.Order.from_json(resp.json())
+        except (ValueError, jose.DeserializationError) as exc:
+            raise PermanentError(self._fail("new order", "malformed order")) from exc
         self.stats["orders_created"] += 1
-        self._orders[orderr.uri] = orderr
-        return {"order_url": orderr.uri, "names": sorted(req.cert.names)}
+        self._orders[location] = body
+        out: dict[str, Any] = {"order_url": location, "names": sorted(req.cert.names)}
+        if replaces is not None:
+            out["replaces"] = replaces
+        return out
+
+    async def _replaces(self, client: acme_client.ClientV2, req: IssueRequest) -> str | None:
+        """RFC 9773 ``replaces``: the ARI ID of the certificate this order renews, when
+        the CA offers ARI and that certificate came from this issuer."""
+        prev = req.previous
+        if prev is None or prev.issuer != self.name:
+            return None
+        try:
+            client.directory["renewalInfo"]
+        except KeyError:
+            return None
+        pem = await asyncio.to_thread(self._vault_get, f"cert/{prev.serial}")
+        if pem is None:
+            return None
+        return ari_cert_id(x509.load_pem_x509_certificate(pem))
+
+    # -------------------------------------------------------------------- ARI
+    def renewal_window(self, version: VersionRecord) -> tuple[datetime, datetime] | None:
+        """The CA's suggested renewal window for ``version`` (RFC 9773), or None."""
+        return self.renewal_windows([version]).get(version.cert)
+
+    def renewal_windows(
+        self, versions: Sequence[VersionRecord]
+    ) -> Mapping[str, tuple[datetime, datetime]]:
+        """Suggested windows by certificate name, for the versions this issuer issued.
+
+        Answers are kept in the vault (``ari/<serial>``) until the CA's Retry-After,
+        so most plans ask the CA nothing; the rest is fetched with at most
+        :data:`ARI_CONCURRENCY` requests in flight. Fetching needs no account
+        (renewalInfo is a plain GET). Never raises: a CA that cannot answer yields
+        no window (the configured renewal window still applies)."""
+        now = self.ctx.clock()
+        out: dict[str, tuple[datetime, datetime]] = {}
+        todo: list[tuple[VersionRecord, x509.Certificate]] = []
+        for v in versions:
+            if v.issuer != self.name or v.not_after <= now:
+                continue  # RFC 9773: never ask about an expired certificate
+            raw = self._vault_get(f"ari/{v.serial}")
+            if raw is not None:
+                try:
+                    rec = json.loads(raw)
+                    if datetime.fromisoformat(rec["until"]) > now:
+                        if rec.get("window"):
+                            start, end = (datetime.fromisoformat(t) for t in rec["window"])
+                            out[v.cert] = (start, end)
+                        continue
+                except (ValueError, KeyError, TypeError):
+                    pass  # unreadable cache entry: ask again
+            pem = self._vault_get(f"cert/{v.serial}")
+            if pem is None:
+                continue  # not issued through this state: nothing to ask about
+            todo.append((v, x509.load_pem_x509_certificate(pem)))
+        if not todo:
+            return out
+        with requests.Session() as session:
+            try:
+                base = self._renewal_info_url(session)
+            except (requests.RequestException, ValueError, _BodyTooLarge):
+                return out  # the directory cannot be read now: ask on the next plan
+            if base is None:
+                results = [(None, float(ARI_DEFAULT_S))] * len(todo)
+            else:
+                workers = max(1, min(ARI_CONCURRENCY, self.limit, len(todo)))
+                with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                    results = list(
+                        pool.map(lambda t: self._fetch_window(session, base, t[1]), todo)
+                    )
+        for (v, _), (window, retry_s) in zip(todo, results, strict=True):
+            until = now + timedelta(seconds=retry_s)
+            blob = {
+                "window": [window[0].isoformat(), window[1].isoformat()] if window else None,
+                "until": until.isoformat(),
+            }
+            self.ctx.vault.put(
+                self.name, f"ari/{v.serial}", json.dumps(blob).encode(), secret=False
+            )
+            if window is not None:
+                out[v.cert] = window
+        return out
+
+    def _get_json(self, session: requests.Session, url: str) -> tuple[Any, requests.Response]:
+        resp = session.get(
+            url, verify=self.verify, timeout=self.timeout_s, stream=True, allow_redirects=False
+        )
+        try:
+            buf = bytearray()
+            for chunk in resp.iter_content(16384):
+                buf += chunk
+                if len(buf) > ARI_MAX_BODY:
+                    raise _BodyTooLarge()
+        finally:
+            resp.close()
+        resp.raise_for_status()
+        return json.loads(bytes(buf)), resp
+
+    def _renewal_info_url(self, session: requests.Session) -> str | None:
+        doc, _ = self._get_json(session, self.directory_url)
+        url = doc.get("renewalInfo") if isinstance(doc, dict) else None
+        return str(url).rstrip("/") if isinstance(url, str) and url else None
+
+    def _fetch_window(
+        self, session: requests.Session, base: str, cert: x509.Certificate
+    ) -> tuple[tuple[datetime, datetime] | None, float]:
+        """(window or None, seconds until asking again) for one certificate."""
+        cert_id = ari_cert_id(cert)
+        if cert_id is None:
+            return None, float(ARI_MAX_S)
+        try:
+            doc, resp = self._get_json(session, f"{base}/{cert_id}")
+            sw = doc["suggestedWindow"]
+            start = datetime.fromisoformat(str(sw["start"]))
+            end = datetime.fromisoformat(str(sw["end"]))
+            if start.tzinfo is None or end.tzinfo is None or not start < end:
+                raise ValueError("not a window")
+        except (requests.RequestException, ValueError, KeyError, TypeError, _BodyTooLarge):
+            return None, float(ARI_ERROR_S)
+        ra = _retry_after(resp.headers.get("Retry-After"))
+        retry_s = ARI_DEFAULT_S if ra is None else min(max(ra, ARI_MIN_S), ARI_MAX_S)
+        return (start.astimezone(UTC), end.astimezone(UTC)), float(retry_s)
 
     def _csr(self, req: IssueRequest) -> bytes:
         return pki.csr_pem(pki.build_csr(req.private_key, list(req.cert.names)))
@@ -581,13 +775,27 @@ class AcmeIssuer(Issuer):
         url = payload.get("order_url")
         if not isinstance(url, str) or not url:
             payload = await self.prepare(req)  # journaled by another issuer type
+            if req.journal is not None:
+                await req.journal(payload)
             url = str(payload["order_url"])
         client = await self._ensure_account()
         async with self._state().sem:
             cached = self._orders.pop(url, None)
             if cached is None:
                 self.stats["resumed"] += 1
-            pem = await self._drive(client, req, url, cached)
+            try:
+                pem = await self._drive(client, req, url, cached, resumed=cached is None)
+            except _OrderLost as lost:
+                # A run killed mid-validation (say) left an order that cannot be
+                # finished. Replace it, journaled before it is finalized.
+                if req.journal is None:
+                    raise PermanentError(self._fail("order", lost.why)) from None
+                fresh = await self._new_order(client, req)
+                await req.journal(fresh)
+                self.stats["replaced"] += 1
+                new_url = str(fresh["order_url"])
+                body = self._orders.pop(new_url, None)
+                pem = await self._drive(client, req, new_url, body, resumed=False)
         issued = self._check(req, pem)
         await asyncio.to_thread(
             self.ctx.vault.put, self.name, f"cert/{issued.serial}", issued.cert_pem, secret=False
@@ -633,15 +841,24 @@ class AcmeIssuer(Issuer):
         client: acme_client.ClientV2,
         req: IssueRequest,
         url: str,
-        cached: messages.OrderResource | None,
+        cached: messages.Order | None,
+        *,
+        resumed: bool,
     ) -> bytes:
+        """Take the order at ``url`` to a certificate. A ``resumed`` order (journaled
+        by an earlier run) that is invalid for a reason other than the CA's policy, has
+        expired, or is gone raises :class:`_OrderLost` (the caller replaces it)."""
         deadline = time.monotonic() + self.order_timeout_s
         backoff = _Backoff(self.poll_max_s)
         if cached is not None:
-            body, ra = cached.body, None
+            body, ra = cached, None
         else:
-            body, ra = await self._order(client, url)
-        authzs = list(cached.authorizations) if cached is not None else None
+            try:
+                body, ra = await self._order(client, url)
+            except AcmeProblem as exc:
+                if resumed and exc.code not in POLICY_PROBLEMS:
+                    raise _OrderLost(f"the journaled order is gone ({exc})") from None
+                raise
         solved = finalized = False
         while True:
             status = body.status
@@ -650,11 +867,19 @@ class AcmeIssuer(Issuer):
                 resp = await self._post(client, cert_url, None, "download certificate")
                 return bytes(resp.content)
             if status == messages.STATUS_INVALID:
-                raise AcmeProblem(
-                    self._fail("order", await self._why_invalid(client, body)), "orderInvalid"
-                )
+                why, codes = await self._why_invalid(client, body)
+                if resumed and not codes & POLICY_PROBLEMS:
+                    raise _OrderLost(f"the journaled order is {why}")
+                raise AcmeProblem(self._fail("order", why), "orderInvalid")
+            if (
+                resumed
+                and status in (messages.STATUS_PENDING, messages.STATUS_READY)
+                and body.expires is not None
+                and body.expires <= datetime.now(UTC)
+            ):
+                raise _OrderLost("the journaled order expired")
             if status == messages.STATUS_PENDING and not solved:
-                await self._solve(client, body, authzs, deadline)
+                await self._solve(client, body, None, deadline)
                 solved = True
                 ra = None
             elif status == messages.STATUS_READY and not finalized:
@@ -710,7 +935,8 @@ class AcmeIssuer(Issuer):
                 (
                     c
                     for c in az.body.challenges
-                    if c.chall.typ == self.challenge_type and c.status == messages.STATUS_PENDING
+                    if c.chall.typ == self.challenge_type
+                    and c.status in (messages.STATUS_PENDING, messages.STATUS_PROCESSING)
                 ),
                 None,
             )
@@ -734,6 +960,8 @@ class AcmeIssuer(Issuer):
                 await solver.publish(p)
                 published.append(p)
             for chall, response, _ in todo:
+                if chall.status == messages.STATUS_PROCESSING:
+                    continue  # answered by a killed run: being validated; just serve it
                 await self._call(
                     "answer challenge", lambda c=chall, r=response: client.answer_challenge(c, r)
                 )
@@ -765,7 +993,12 @@ class AcmeIssuer(Issuer):
             if time.monotonic() > deadline:
                 raise TransientError(self._fail("authorization", "validation did not finish"))
 
-    async def _why_invalid(self, client: acme_client.ClientV2, body: messages.Order) -> str:
+    async def _why_invalid(
+        self, client: acme_client.ClientV2, body: messages.Order
+    ) -> tuple[str, set[str]]:
+        """The first problem found (as text) and every problem code seen."""
+        first: str | None = None
+        codes: set[str] = set()
         for u in body.authorizations:
             try:
                 az = await self._authz(client, u)
@@ -773,13 +1006,17 @@ class AcmeIssuer(Issuer):
                 continue
             for c in az.body.challenges:
                 if c.error is not None:
-                    return (
+                    codes.add(str(c.error.code or c.error.typ))
+                    first = first or (
                         f"invalid: {az.body.identifier.value}: {c.error.code or c.error.typ}: "
                         f"{c.error.detail or ''}"
                     )
         if body.error is not None:
-            return f"invalid: {body.error.code or body.error.typ}: {body.error.detail or ''}"
-        return "invalid (the CA gave no reason)"
+            codes.add(str(body.error.code or body.error.typ))
+            first = first or (
+                f"invalid: {body.error.code or body.error.typ}: {body.error.detail or ''}"
+            )
+        return first or "invalid (the CA gave no reason)", codes
 
     def _check(self, req: IssueRequest, pem: bytes) -> IssuedCert:
         """The CA's answer must be a certificate for our key and exactly our names."""
@@ -840,6 +1077,24 @@ class AcmeIssuer(Issuer):
                 if exc.code == "alreadyRevoked":
                     return
                 raise
+
+
+def ari_cert_id(cert: x509.Certificate) -> str | None:
+    """RFC 9773 section 4.1: base64url(AKI keyIdentifier) "." base64url(serial DER
+    INTEGER contents), unpadded. None when the certificate has no AKI key id."""
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return None
+    if aki.key_identifier is None:
+        return None
+    serial = cert.serial_number
+    raw = serial.to_bytes((serial.bit_length() + 8) // 8, "big", signed=True)
+
+    def b64(b: bytes) -> str:
+        return base64.urlsafe_b64encode(b).decode("ascii").rstrip("=")
+
+    return f"{b64(aki.key_identifier)}.{b64(raw)}"
 
 
 def _norm(name: str) -> str:

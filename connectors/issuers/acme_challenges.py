@@ -43,6 +43,7 @@ import dns.tsigkeyring
 import dns.update
 
 from certctl.errors import PermanentError, TransientError
+from certctl.faults import Failpoints
 from certctl.model import Secret
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
@@ -85,6 +86,7 @@ class HttpResponder:
         self._server: asyncio.Server | None = None
         self._lock = asyncio.Lock()
         self.requests = 0
+        self.faults = Failpoints()
 
     async def publish(self, p: Published) -> None:
         if not TOKEN_RE.match(p.token):
@@ -125,6 +127,8 @@ class HttpResponder:
                     if value is not None:
                         body, status = value, "200 OK"
                         self.requests += 1
+                        # crash tests: die while the CA is validating
+                        self.faults.hit("acme_responder_request")
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("ascii")
@@ -257,6 +261,18 @@ class Rfc2136:
             return await dns.asyncquery.tcp(msg, self.server, port=self.port, timeout=self.timeout)
         except (TimeoutError, dns.exception.Timeout, OSError) as exc:
             raise TransientError(f"rfc2136: DNS server {self.server}:{self.port}: {exc}") from exc
+        except (dns.tsig.PeerBadKey, dns.tsig.PeerBadSignature, dns.tsig.PeerBadTime) as exc:
+            # the secret itself is never part of the message
+            what = {
+                dns.tsig.PeerBadKey: "does not know the TSIG key",
+                dns.tsig.PeerBadSignature: "rejected the TSIG signature (wrong secret or "
+                "algorithm)",
+                dns.tsig.PeerBadTime: "rejected the TSIG time (clock skew)",
+            }[type(exc)]
+            raise PermanentError(
+                f"rfc2136: DNS server {self.server}:{self.port} {what} "
+                f"(key {self.keyname}); check tsig_key"
+            ) from None
         except dns.exception.DNSException as exc:
             raise PermanentError(f"rfc2136: {type(exc).__name__}: {exc}") from exc
 

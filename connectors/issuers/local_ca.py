@@ -25,14 +25,24 @@ re-issue after a crash yields a byte-identical certificate: nothing is issued tw
 :meth:`LocalCAIssuer.revoke` records the revocation in the vault
 (``revoked/<serial>`` and the ``revoked/index`` list) and succeeds if it already is.
 
+CRL: :meth:`LocalCAIssuer.crl` keeps the signed CRL in the vault (monotonic number,
+regenerated after a revocation or once half its validity passed). With ``crl_file``
+(relative to the inventory root and confined there) the CRL is also written to that
+file, atomically, by :meth:`LocalCAIssuer.after_run` once after any run that revoked
+through this issuer, and by ``certctl crl NAME``.
+
 The CA is loaded once per connector instance and cached: issuing costs one build and
 one signature, with the fixed extensions prepared in advance.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import secrets
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -51,17 +61,7 @@ from certctl.model import KeySpec, Secret, VersionRecord
 from certctl.pki import crl, ocsp
 
 #: RFC 5280 revocation reasons accepted by :meth:`LocalCAIssuer.revoke`.
-REVOCATION_REASONS = (
-    "unspecified",
-    "keyCompromise",
-    "cACompromise",
-    "affiliationChanged",
-    "superseded",
-    "cessationOfOperation",
-    "certificateHold",
-    "privilegeWithdrawn",
-    "aACompromise",
-)
+REVOCATION_REASONS = tuple(crl.REASONS)
 #: Validity start is set this far in the past to absorb clock skew between hosts.
 BACKDATE = timedelta(minutes=1)
 _DEFAULT_TTL = MappingProxyType({"root": 3650 * 86400, "intermediate": 1825 * 86400})
@@ -70,6 +70,11 @@ _DURATION_PART = re.compile(r"([0-9]+)([smhdwy])")
 _UNIT_S = MappingProxyType(
     {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 )
+
+#: A path relative to the inventory root: not absolute, no ``~``, no ``..`` component,
+#: no NUL or newline (checked again, after normalisation, by :func:`confined_path`).
+_RELATIVE_PATH_RE = r"^(?![/~])(?!(?:.*/)?\.\.(?:/|$))[^\x00\r\n]+$"
+_TEMP_MARK = ".certctl-"
 
 _DURATION_SCHEMA = {
     "oneOf": [
@@ -215,6 +220,12 @@ class LocalCAIssuer(Issuer):
             "crl_validity": _DURATION_SCHEMA,
             "ocsp_validity": _DURATION_SCHEMA,
             "ocsp_responder_ttl": _DURATION_SCHEMA,
+            "crl_file": {
+                "type": "string",
+                "minLength": 1,
+                "pattern": _RELATIVE_PATH_RE,
+                "description": "a path relative to the inventory root, without '..'",
+            },
         },
     }
 
@@ -246,6 +257,13 @@ class LocalCAIssuer(Issuer):
             )
         )
         self._ocsp_signer: ocsp.Signer | None = None
+        crl_file = config.get("crl_file")
+        self.crl_path = (
+            confined_path(ctx.inventory_root, str(crl_file), f"issuer {name}: crl_file")
+            if crl_file
+            else None
+        )
+        self._crl_file_stale = False
 
     # ------------------------------------------------------------- Issuer API
     async def prepare(self, req: IssueRequest) -> dict[str, Any]:
@@ -336,6 +354,8 @@ class LocalCAIssuer(Issuer):
                 f"(use one of {', '.join(REVOCATION_REASONS)})"
             )
         serial = pki.serial_hex(pki.parse_serial(version.serial))
+        # Even when already revoked: a killed run may not have rewritten the file.
+        self._crl_file_stale = self.crl_path is not None
         index = self.revoked_serials()
         if serial in index:
             return
@@ -438,6 +458,21 @@ class LocalCAIssuer(Issuer):
             "ca": ca_fp,
         }
         vault.put(self.name, "crl/meta", json.dumps(meta).encode(), secret=False)
+        return der
+
+    def after_run(self) -> None:
+        """Rewrite ``crl_file`` once after a run that revoked through this issuer."""
+        if self._crl_file_stale:
+            self.publish_crl()
+            self._crl_file_stale = False
+
+    def publish_crl(self) -> bytes:
+        """The current CRL (see :meth:`crl`), also written to ``crl_file`` when one is
+        configured and its content differs: a temp file in the same directory, fsync,
+        rename over the old one, fsync of the directory."""
+        der = self.crl()
+        if self.crl_path is not None:
+            write_confined(self.ctx.inventory_root, self.crl_path, der, f"issuer {self.name}")
         return der
 
     def ocsp_signer(self) -> ocsp.Signer:
@@ -786,6 +821,92 @@ def duration_s(value: Any, what: str) -> int:
     if isinstance(value, str) and _DURATION_RE.match(value.strip()):
         return sum(int(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(value))
     raise PermanentError(f"{what}: {value!r} is not a duration (e.g. 90d, 12h, 3600)")
+
+
+def confined_path(root: Path, value: str, what: str) -> Path:
+    """``value`` resolved under ``root``; refused when it would leave it."""
+    if "\x00" in value or "\n" in value or "\r" in value:
+        raise PermanentError(f"{what}: {value!r} contains a NUL or newline character")
+    norm = os.path.normpath(value)
+    if (
+        os.path.isabs(value)
+        or value.startswith("~")
+        or norm in (".", "..")
+        or norm.startswith("../")
+    ):
+        raise PermanentError(f"{what}: {value!r} escapes the inventory root")
+    if _TEMP_MARK in os.path.basename(norm) and norm.endswith(".tmp"):
+        raise PermanentError(f"{what}: {value!r} looks like a certctl temp file")
+    return Path(os.path.normpath(os.path.join(root, norm)))
+
+
+def write_confined(root: Path, path: Path, data: bytes, what: str) -> bool:
+    """Atomically replace ``path`` (below ``root``) with ``data``; False when it already
+    holds exactly that. Directories below ``root`` are created (0755); no component
+    below ``root`` may be a symlink, and the file must be a regular file if it exists.
+    """
+    rel = path.relative_to(root).parts
+    current = str(root)
+    for i, part in enumerate(rel):
+        current = os.path.join(current, part)
+        last = i == len(rel) - 1
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            if last:
+                break
+            try:
+                os.mkdir(current, 0o755)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise PermanentError(f"{what}: cannot create {current}: {exc.strerror}") from exc
+            st = os.lstat(current)
+        except OSError as exc:
+            raise PermanentError(f"{what}: cannot check {current}: {exc.strerror}") from exc
+        if stat.S_ISLNK(st.st_mode):
+            raise PermanentError(f"{what}: {path} passes through a symlink at {current}")
+        if not last and not stat.S_ISDIR(st.st_mode):
+            raise PermanentError(f"{what}: {current} is not a directory")
+        if last:
+            if not stat.S_ISREG(st.st_mode):
+                raise PermanentError(f"{what}: {current} exists and is not a regular file")
+            try:
+                same = st.st_size == len(data) and _read_nofollow(current) == data
+            except OSError as exc:
+                raise PermanentError(f"{what}: cannot read {current}: {exc.strerror}") from exc
+            if same:
+                return False
+    directory, name = os.path.split(str(path))
+    tmp = os.path.join(directory, f".{name}{_TEMP_MARK}{secrets.token_hex(6)}.tmp")
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o644)
+        try:
+            os.fchmod(fd, 0o644)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise PermanentError(f"{what}: cannot write {path}: {exc.strerror or exc}") from exc
+    return True
+
+
+def _read_nofollow(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 def _due(cert: x509.Certificate, now: datetime) -> bool:

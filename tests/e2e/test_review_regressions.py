@@ -136,3 +136,14 @@ def test_saved_plan_with_force_renew_applies(workspace: Workspace) -> None:
     r = ws.run("apply", str(plan_file))
     assert r.code == 0, r.err
     assert "1 renewed" in r.out
+
+
+def test_show_works_without_the_state_key(workspace: Workspace) -> None:
+    """`show` prints the certificate only, so it must not need (or decrypt) the key."""
+    ws = workspace
+    ws.write("certs.yaml", certs_yaml({"www": WWW}))
+    assert ws.run("apply", "--auto-approve").code == 0
+    (ws.inv / ".certctl" / "state.key").rename(ws.root / "elsewhere.key")
+    r = ws.run("show", "www")
+    assert r.code == 0, r.err
+    assert "www.e2e.test" in r.out and "PRIVATE KEY" not in r.out

@@ -274,3 +274,104 @@ def pebble_running(**kw: object) -> Iterator[Pebble]:
         yield peb
     finally:
         peb.stop()
+
+
+# ------------------------------------------------------------------ BIND 9
+
+NAMED = "/usr/sbin/named"
+TSIG_NAME = "certctl-test."
+
+NAMED_CONF = """\
+key "{key}" {{ algorithm hmac-sha256; secret "{secret}"; }};
+options {{
+    directory "{dir}";
+    listen-on port {port} {{ 127.0.0.1; }};
+    listen-on-v6 {{ none; }};
+    pid-file none;
+    session-keyfile none;
+    recursion no;
+    dnssec-validation no;
+    notify no;
+}};
+controls {{ }};
+zone "{zone}" {{
+    type primary;
+    file "{dir}/{zone}.zone";
+    allow-update {{ key "{key}"; }};
+}};
+"""
+
+ZONE = """\
+$TTL 60
+@   IN SOA ns.{zone}. admin.{zone}. 1 60 60 600 60
+@   IN NS  ns.{zone}.
+ns  IN A   127.0.0.1
+@   IN A   127.0.0.1
+*   IN A   127.0.0.1
+"""
+
+
+@dataclass
+class Bind:
+    """A real BIND 9 ``named`` on a loopback port, one dynamic zone, one TSIG key."""
+
+    port: int
+    zone: str
+    key_name: str
+    secret: str  # base64, generated per run
+    workdir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes]
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_bind(zone: str = "bind.test") -> Bind:
+    """Start ``named -g`` (foreground, no daemon) with a dynamic zone updatable with a
+    fresh TSIG key. As root it keeps running as root (no ``-u``): fine in a throwaway
+    directory. scripts/test-deps.sh installs Debian's ``bind9`` when it is missing."""
+    import base64
+
+    if not os.access(NAMED, os.X_OK):
+        raise RuntimeError(f"{NAMED} missing: run scripts/test-deps.sh (Debian 'bind9')")
+    work = Path(tempfile.mkdtemp(prefix="certctl-named-"))
+    secret = base64.b64encode(os.urandom(32)).decode()
+    port = _free_tcp_udp_port()
+    (work / "named.conf").write_text(
+        NAMED_CONF.format(key=TSIG_NAME, secret=secret, dir=work, port=port, zone=zone),
+        encoding="utf-8",
+    )
+    (work / f"{zone}.zone").write_text(ZONE.format(zone=zone), encoding="utf-8")
+    log = work / "named.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [NAMED, "-g", "-c", str(work / "named.conf")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=work,
+        )
+    try:
+        _wait_port(port, proc, "named", log)
+        deadline = time.monotonic() + 20
+        while "all zones loaded" not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"named did not load: {log.read_text(errors='replace')[-1500:]}")
+            time.sleep(0.05)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return Bind(port, zone, TSIG_NAME, secret, work, log, proc)

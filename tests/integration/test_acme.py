@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import http.server
 import json
@@ -45,7 +46,15 @@ from certctl.errors import PermanentError, TransientError
 from certctl.model import Certificate, KeySpec, Profile
 from certctl_connectors.issuers.acme import AcmeIssuer
 from tests import conformance
-from tests.integration.acme_support import EAB_HMAC, EAB_KID, Pebble, free_port, start_pebble
+from tests.integration.acme_support import (
+    EAB_HMAC,
+    EAB_KID,
+    Bind,
+    Pebble,
+    free_port,
+    start_bind,
+    start_pebble,
+)
 
 # ------------------------------------------------------------------ fixtures
 
@@ -219,6 +228,124 @@ def test_dns01_failed_validation_is_permanent_and_cleans_up(pebble: Pebble, tmp_
     assert [ln.split()[0] for ln in lines] == ["noop", "clear"]
 
 
+@pytest.fixture(scope="module")
+def bind_pebble() -> Iterator[tuple[Bind, Pebble]]:
+    """A real BIND 9 (dynamic zone, TSIG) and a Pebble whose VA resolves through it."""
+    bind = start_bind()
+    try:
+        peb = start_pebble(dns_server=f"127.0.0.1:{bind.port}")
+        try:
+            yield bind, peb
+        finally:
+            peb.stop()
+    finally:
+        bind.stop()
+
+
+def rfc2136_config(bind: Bind, peb: Pebble, secret: str | None = None) -> dict[str, Any]:
+    return http01(
+        peb,
+        challenge={
+            "type": "dns-01",
+            "rfc2136": {
+                "server": "127.0.0.1",
+                "port": bind.port,
+                "tsig_key": {"name": bind.key_name, "secret": secret or bind.secret},
+            },
+        },
+    )
+
+
+def txt_records(bind: Bind, name: str) -> list[str]:
+    import dns.message
+    import dns.query
+    import dns.rdatatype
+
+    resp = dns.query.tcp(dns.message.make_query(name, "TXT"), "127.0.0.1", port=bind.port)
+    return [
+        b"".join(r.strings).decode()
+        for rrset in resp.answer
+        if rrset.rdtype == dns.rdatatype.TXT
+        for r in rrset
+    ]
+
+
+def test_dns01_rfc2136_tsig_wildcard_validated_through_real_bind(
+    bind_pebble: tuple[Bind, Pebble], tmp_path: Path
+) -> None:
+    bind, peb = bind_pebble
+    issuer = AcmeIssuer("acme", rfc2136_config(bind, peb), ctx(tmp_path))
+    names = (f"*.wild.{bind.zone}", f"wild.{bind.zone}")
+    req = request(names)
+    issued = run(issuer.issue(req, run(issuer.prepare(req))))
+    leaf = x509.load_pem_x509_certificate(issued.cert_pem)
+    assert sorted(pki.sans(leaf)) == sorted(names)
+    # both authorizations' TXT values went to named through signed dynamic updates...
+    log = bind.log()
+    record = f"_acme-challenge.wild.{bind.zone}"
+    assert log.count(f"adding an RR at '{record}' TXT") == 2, log[-2000:]
+    assert f'signer "{bind.key_name.rstrip(".")}" approved' in log
+    # ...and were deleted again afterwards
+    assert log.count(f"deleting an RR at {record} TXT") == 2, log[-2000:]
+    assert txt_records(bind, record + ".") == []
+    assert bind.secret not in log
+
+
+def test_dns01_rfc2136_wrong_tsig_secret_is_a_clear_permanent_error(
+    bind_pebble: tuple[Bind, Pebble], tmp_path: Path
+) -> None:
+    import base64
+
+    bind, peb = bind_pebble
+    wrong = base64.b64encode(os.urandom(32)).decode()
+    issuer = AcmeIssuer("acme", rfc2136_config(bind, peb, secret=wrong), ctx(tmp_path))
+    req = request((f"badkey.{bind.zone}",))
+    with pytest.raises(PermanentError) as err:
+        run(issuer.issue(req, run(issuer.prepare(req))))
+    text = f"{err.value} {err.value!r} {err.value.__cause__!r} {err.value.__context__!r}"
+    assert "TSIG signature" in text and bind.key_name in text, text
+    assert wrong not in text and bind.secret not in text
+    assert txt_records(bind, f"_acme-challenge.badkey.{bind.zone}.") == []
+
+
+def test_resumed_invalid_order_is_replaced_once_through_the_journal_callback(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    vault = conformance.StandInVault()  # one state: the same account in every "run"
+    # run 1: the hook publishes nothing, validation fails, the order is invalid
+    first = AcmeIssuer("acme", dns_hook_config(pebble, tmp_path, add="noop"), ctx(tmp_path, vault))
+    req = request(("replace.example.org",))
+    payload = run(first.prepare(req))
+    with pytest.raises(PermanentError):
+        run(first.issue(req, payload))
+    assert first.stats["replaced"] == 0  # an order of this run is never replaced
+    # run 2, issuer unchanged and no journal callback: no unjournaled order is made
+    second = AcmeIssuer("acme", dns_hook_config(pebble, tmp_path, add="noop"), ctx(tmp_path, vault))
+    with pytest.raises(PermanentError, match="journaled order is invalid"):
+        run(second.issue(req, payload))
+    assert second.stats["orders_created"] == 0
+    # run 2 again with the callback: one replacement, journaled before it is finished;
+    # it fails too (the hook still publishes nothing) and is not replaced again
+    journaled: list[dict[str, Any]] = []
+
+    async def journal(p: Any) -> None:
+        journaled.append(dict(p))
+
+    jreq = dataclasses.replace(req, journal=journal)
+    with pytest.raises(PermanentError, match="invalid"):
+        run(second.issue(jreq, payload))
+    assert len(journaled) == 1 and second.stats["replaced"] == 1
+    # run 3, the hook fixed: the (again invalid) journaled order is replaced and issued
+    third = AcmeIssuer("acme", dns_hook_config(pebble, tmp_path), ctx(tmp_path, vault))
+    issued = run(third.issue(jreq, journaled[0]))
+    assert len(journaled) == 2 and journaled[1]["order_url"] not in (
+        journaled[0]["order_url"],
+        payload["order_url"],
+    )
+    assert third.stats == {"orders_created": 1, "finalized": 1, "resumed": 1, "replaced": 1}
+    assert pki.sans(x509.load_pem_x509_certificate(issued.cert_pem)) == ["replace.example.org"]
+
+
 def test_http01_responder_is_closed_after_issuance(pebble: Pebble, tmp_path: Path) -> None:
     issuer = AcmeIssuer("acme", http01(pebble), ctx(tmp_path))
     req = request(("closed.example.com",))
@@ -344,8 +471,8 @@ def open_order_urls(inv: Path) -> dict[str, str]:
 
 # Killed after the order URL is journaled (before any challenge is answered), or after
 # the CA issued (order valid) but before the version was recorded. Sequential apply
-# (--concurrency 1) so the kill never strands a challenge mid-validation: a responder
-# that dies while the CA validates fails that order, which is then reported, not retried.
+# (--concurrency 1) so the kill never strands a challenge mid-validation (that case,
+# where the order is lost and replaced, has its own test below).
 @pytest.mark.parametrize("failpoint", ["after_issue_intent=2", "after_issue=2"])
 def test_sigkill_mid_order_then_rerun_finalizes_each_order_once(
     pebble: Pebble, tmp_path: Path, failpoint: str
@@ -377,6 +504,71 @@ def test_sigkill_mid_order_then_rerun_finalizes_each_order_once(
     for n in names:
         leaf = x509.load_pem_x509_certificate((inv / "out" / f"{n}.pem").read_bytes())
         assert pki.sans(leaf) == [f"{n}.example.com"]
+
+
+def journal_rows(inv: Path, cert: str) -> list[tuple[str, str | None]]:
+    with contextlib.closing(sqlite3.connect(inv / ".certctl" / "state.db")) as db:
+        rows = db.execute(
+            "SELECT payload, outcome FROM journal WHERE cert = ? AND action = 'issue' "
+            "ORDER BY created_at",
+            (cert,),
+        ).fetchall()
+    return [(json.loads(p)["order_url"], o) for p, o in rows]
+
+
+def wait_for_log(peb: Pebble, needle: str) -> None:
+    """Wait (bounded) until Pebble logged ``needle``: its VA works asynchronously."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while needle not in peb.log():
+        assert time.monotonic() < deadline, f"Pebble never logged {needle!r}"
+        time.sleep(0.05)
+
+
+def test_sigkill_during_validation_then_rerun_replaces_the_lost_order(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    # The process dies while Pebble's VA is fetching the http-01 answer from certctl's
+    # responder: the VA sees the connection reset and the journaled order turns
+    # invalid. The next run must not back off: it replaces the order (journaling the
+    # new URL before finalize) and installs the certificate.
+    names = ["lost0", "lost1"]
+    inv = write_inventory(tmp_path, pebble, names)
+    before = set(pebble.issued_orders())
+    r = cli(
+        inv,
+        "apply",
+        "--auto-approve",
+        "--concurrency",
+        "1",
+        env={"CERTCTL_FAILPOINTS": "acme_responder_request=1"},
+    )
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    journaled = open_order_urls(inv)
+    assert len(journaled) == 1, journaled
+    ((killed_cert, killed_url),) = journaled.items()
+    killed_id = killed_url.rsplit("/", 1)[1]
+    # the VA's failure is asynchronous: let it land, so the rerun finds the order invalid
+    wait_for_log(pebble, f"order {killed_id} set INVALID")
+    r = cli(inv, "apply", "--auto-approve")
+    assert r.returncode == 0, r.stdout + r.stderr
+    new_orders = [o for o in pebble.issued_orders() if o not in before]
+    assert len(new_orders) == len(names) == len(set(new_orders)), new_orders
+    assert killed_id not in new_orders  # the lost order was never finalized
+    rows = journal_rows(inv, killed_cert)
+    # the lost order's intent was closed as replaced; the replacement (journaled
+    # before finalize) is the order that was finalized, and it was closed as issued
+    assert [o for _, o in rows] == ["replaced", "issued"], rows
+    assert rows[0][0] == killed_url
+    assert rows[1][0].rsplit("/", 1)[1] in new_orders
+    r = cli(inv, "plan", "--detailed-exitcode")
+    assert r.returncode == 0, r.stdout
+    for n in names:
+        leaf = x509.load_pem_x509_certificate((inv / "out" / f"{n}.pem").read_bytes())
+        assert pki.sans(leaf) == [f"{n}.example.com"]
+        key = (inv / "out" / f"{n}.key").read_bytes()
+        assert pki.keys_match(pki.load_key_pem(key), leaf.public_key())
 
 
 # ----------------------------------------------------------- fault proxy
@@ -462,6 +654,14 @@ class FaultProxy:
                         k, v = ln.split(":", 1)
                         headers[k.strip().lower()] = v.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+                local = self._local(method, path, body)
+                if local is not None:
+                    status, extra_headers, content = local
+                    head_lines = [f"HTTP/1.1 {status} X", *extra_headers]
+                    head_lines.append(f"Content-Length: {len(content)}")
+                    writer.write(("\r\n".join(head_lines) + "\r\n\r\n").encode() + content)
+                    await writer.drain()
+                    continue
                 action = self._match(path)
                 if action == "drop":
                     return
@@ -478,7 +678,7 @@ class FaultProxy:
                 resp = await self.client.request(
                     method, self.upstream + path, content=body, headers=fwd
                 )
-                content = resp.content
+                content = self._rewrite(path, resp.content)
                 if action in ("other_key", "extra_name", "huge"):
                     content = self._hostile(action, content)
                 out = [f"HTTP/1.1 {resp.status_code} X"]
@@ -492,6 +692,13 @@ class FaultProxy:
             pass
         finally:
             writer.transport.abort()  # no TLS close_notify wait: the test is over
+
+    def _local(self, method: str, path: str, body: bytes) -> tuple[int, list[str], bytes] | None:
+        """An answer given here instead of Pebble's (none in the fault proxy)."""
+        return None
+
+    def _rewrite(self, path: str, content: bytes) -> bytes:
+        return content
 
     async def _problem(self, writer: asyncio.StreamWriter, status: int) -> None:
         kind = {429: "rateLimited", 500: "serverInternal", 503: "serverInternal"}[status]
@@ -531,6 +738,129 @@ class FaultProxy:
             .sign(ca_key, hashes.SHA256())
         )
         return pki.cert_pem(forged) + pem.split(b"-----END CERTIFICATE-----\n", 1)[1]
+
+
+class AriStub(FaultProxy):
+    """STUB ARI SERVER: Debian's Pebble 2.4 serves no ``renewalInfo`` (RFC 9773), so
+    this stand-in in front of the real Pebble adds it to the directory and answers
+    ``GET /renewal-info/<cert id>`` itself with the windows a test sets (and a
+    Retry-After). Everything else, newOrder included, goes to Pebble unchanged; the
+    JWS payloads of newOrder requests are kept so a test can read ``replaces``."""
+
+    def __init__(self, peb: Pebble) -> None:
+        super().__init__(peb)
+        self.windows: dict[str, tuple[dt.datetime, dt.datetime]] = {}
+        self.default: tuple[dt.datetime, dt.datetime] | None = None
+        self.retry_after = 3600
+        self.asked: list[str] = []
+        self.new_orders: list[dict[str, Any]] = []
+
+    def _local(self, method: str, path: str, body: bytes) -> tuple[int, list[str], bytes] | None:
+        if path.startswith("/order-plz") and body:
+            import base64
+
+            jws = json.loads(body)
+            pad = "=" * (-len(jws["payload"]) % 4)
+            self.new_orders.append(json.loads(base64.urlsafe_b64decode(jws["payload"] + pad)))
+            return None
+        if not path.startswith("/renewal-info/") or method != "GET":
+            return None
+        cert_id = path.rsplit("/", 1)[1]
+        self.asked.append(cert_id)
+        window = self.windows.get(cert_id, self.default)
+        if window is None:
+            return 404, ["Content-Type: application/problem+json"], b'{"type": "notFound"}'
+        doc = {"suggestedWindow": {"start": window[0].isoformat(), "end": window[1].isoformat()}}
+        return (
+            200,
+            ["Content-Type: application/json", f"Retry-After: {self.retry_after}"],
+            json.dumps(doc).encode(),
+        )
+
+    def _rewrite(self, path: str, content: bytes) -> bytes:
+        if path != "/dir":
+            return content
+        doc = json.loads(content)
+        doc["renewalInfo"] = f"https://127.0.0.1:{self.port}/renewal-info"
+        return json.dumps(doc).encode()
+
+
+def test_ari_against_stub_ari_server_renews_inside_window_with_replaces(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    from acme.client import _renewal_info_path_component  # the library's own encoding
+
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    with AriStub(pebble) as stub:
+        stub.default = (now + dt.timedelta(days=20), now + dt.timedelta(days=21))
+        inv = write_inventory(tmp_path, pebble, ["ari0", "ari1"], directory=stub.directory)
+        eng = Engine(inventory_path=inv)
+        try:
+            _, report = eng.apply()
+            assert report is not None and not report.failed, report.failed
+            assert all("replaces" not in o for o in stub.new_orders)  # first issuance
+            leaf = x509.load_pem_x509_certificate((inv / "out" / "ari0.pem").read_bytes())
+            old_id = _renewal_info_path_component(leaf)
+            # the CA moves ari0's window into the past (say, a revocation incident)
+            stub.windows[old_id] = (now - dt.timedelta(hours=2), now - dt.timedelta(hours=1))
+            plan, observed = eng.plan()
+            assert len(stub.asked) == 2 and old_id in stub.asked  # one GET per certificate
+            assert set(observed.renewal_windows) == {"ari0", "ari1"}
+            renew = [a for a in plan.actions if a.kind.value == "renew"]
+            assert [a.cert for a in renew] == ["ari0"]
+            (reason,) = renew[0].reasons
+            assert reason.code == "ari_window"
+            assert reason.message.startswith("ARI suggests renewal between ")
+            # cached in the state until the stub's Retry-After: planning again asks nothing
+            eng.plan()
+            assert len(stub.asked) == 2
+            stub.new_orders.clear()
+            _, report = eng.apply()
+            assert report is not None and not report.failed, report.failed
+            # every newOrder request carried it (a badNonce retry is recorded twice)
+            assert stub.new_orders and {o.get("replaces") for o in stub.new_orders} == {old_id}
+            new_leaf = x509.load_pem_x509_certificate((inv / "out" / "ari0.pem").read_bytes())
+            assert new_leaf.serial_number != leaf.serial_number
+            again, _ = eng.plan()  # the new certificate's window is in the future
+            assert again.actions == ()
+        finally:
+            eng.close()
+
+
+def test_ari_stub_server_windows_are_cached_until_retry_after(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    from certctl.model import VersionRecord
+
+    with AriStub(pebble) as stub:
+        clock = conformance.FixedClock(dt.datetime.now(dt.UTC))
+        vault = conformance.StandInVault()
+        c = ConnectorContext(tmp_path, clock, vault, BatchSyncer("none"))
+        issuer = AcmeIssuer("acme", http01(pebble, directory=stub.directory), c)
+        req = request(("ari-cache.example.com",))
+        issued = run(issuer.issue(req, run(issuer.prepare(req))))
+        v = VersionRecord(
+            "ari-cache", 1, issued.serial, issued.not_before, issued.not_after,
+            issued.fingerprint, "acme", "k", ("ari-cache.example.com",), "p",
+        )  # fmt: skip
+        start = clock.now + dt.timedelta(days=3)
+        stub.default = (start, start + dt.timedelta(days=1))
+        stub.retry_after = 600
+        assert issuer.renewal_window(v) == stub.default
+        assert issuer.renewal_window(v) == stub.default
+        assert len(stub.asked) == 1  # the second answer came from the vault
+        assert json.loads(vault.data[("acme", f"ari/{issued.serial}")])
+        clock.advance(seconds=599)
+        stub.default = None  # the CA now answers 404
+        assert issuer.renewal_window(v) == (start, start + dt.timedelta(days=1))
+        clock.advance(seconds=2)
+        assert issuer.renewal_window(v) is None  # asked again: no window, no exception
+        assert len(stub.asked) == 2
+        # never asked about an expired certificate; another issuer's version is skipped
+        clock.now = issued.not_after + dt.timedelta(seconds=1)
+        assert issuer.renewal_window(v) is None
+        assert issuer.renewal_windows([dataclasses.replace(v, issuer="other")]) == {}
+        assert len(stub.asked) == 2
 
 
 def test_fault_proxy_transient_faults_are_retried_within_the_run(

@@ -418,6 +418,60 @@ def test_health_and_metrics_parse(served: Served) -> None:
     assert events["issue"] == 3 and events["revoke"] == 1 and events["deploy"] == 3
 
 
+def test_run_counts_and_durations_on_metrics(served: Served) -> None:
+    s = served
+
+    def scrape() -> dict[str, list[tuple[str, dict[str, str], float]]]:
+        r = httpx.get(f"{s.url}/metrics")
+        assert r.status_code == 200
+        return {
+            f.name: [(sm.name, sm.labels, sm.value) for sm in f.samples]
+            for f in text_string_to_metric_families(r.text)
+        }
+
+    def runs(fams: dict[str, list[tuple[str, dict[str, str], float]]]) -> dict[str, float]:
+        return {
+            labels["status"]: v
+            for _, labels, v in fams["certctl_runs"]
+            if labels["kind"] == "apply"
+        }
+
+    def histogram(fams: dict[str, list[tuple[str, dict[str, str], float]]]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, labels, v in fams["certctl_run_duration_seconds"]:
+            assert labels["kind"] == "apply"
+            key = labels["le"] if name.endswith("_bucket") else name.rsplit("_", 1)[1]
+            out[key] = v
+        return out
+
+    fams = scrape()
+    assert runs(fams) == {"ok": 1}  # the fixture's `certctl apply`
+    h = histogram(fams)
+    assert h["count"] == 1 and h["+Inf"] == 1
+    bounds = sorted((float(k), v) for k, v in h.items() if k not in ("count", "sum", "+Inf"))
+    counts = [v for _, v in bounds]
+    assert counts == sorted(counts) and counts[-1] <= 1  # cumulative buckets
+    (last,) = [v for _, labels, v in fams["certctl_last_run_duration_seconds"]]
+    assert h["sum"] == pytest.approx(last, abs=0.01) and h["sum"] > 0
+    assert all(v == 1 for b, v in bounds if b >= last + 0.01)  # the run is in its bucket
+    assert all(v == 0 for b, v in bounds if b < last - 0.01)  # and not below it
+
+    assert s.certctl("revoke", "db", "--yes").returncode == 0  # a second apply run
+    engine = Engine(inventory_path=s.inv, state_url=s.env.get("CERTCTL_STATE"))
+    try:
+        engine.store().begin_run("apply", "test", {})  # one still running
+    finally:
+        engine.close()
+    fams = scrape()
+    assert runs(fams) == {"ok": 2, "running": 1}
+    h2 = histogram(fams)
+    assert h2["count"] == 2 and h2["+Inf"] == 2 and h2["sum"] > h["sum"]
+    api = httpx.get(
+        f"{s.url}/api/v1/runs", headers={"Authorization": f"Bearer {s.token()}"}
+    ).json()["items"]
+    assert [r["status"] for r in api] == ["running", "ok", "ok"]
+
+
 # -------------------------------------------------------------- read API
 
 

@@ -596,10 +596,18 @@ class AcmeIssuer(Issuer):
             return
         meta = getattr(directory, "meta", None)
         offered = getattr(meta, "profiles", None) if meta is not None else None
-        if not offered or self.profile not in offered:
+        if not offered:
+            # A CA without profiles would ignore the field and issue its default
+            # certificate: refuse rather than silently issue something else.
+            raise PermanentError(
+                f"issuer {self.name}: profile {self.profile!r} is configured but the CA "
+                "lists no profiles (its directory has no meta.profiles); remove 'profile' "
+                "from the issuer or use a CA that offers it"
+            )
+        if self.profile not in offered:
             raise PermanentError(
                 f"issuer {self.name}: the CA does not offer profile {self.profile!r} "
-                f"(offers: {', '.join(sorted(offered)) if offered else 'none'})"
+                f"(offers: {', '.join(sorted(offered))})"
             )
 
     # ------------------------------------------------------------------ Issuer

@@ -863,6 +863,113 @@ def test_ari_stub_server_windows_are_cached_until_retry_after(
         assert len(stub.asked) == 2
 
 
+class ProfileStub(AriStub):
+    """STUB PROFILES DIRECTORY: Debian's Pebble 2.4 lists no ACME profiles
+    (``meta.profiles``, draft-aaron-acme-profiles), so this stand-in in front of the
+    real Pebble adds the ``profiles`` it is given to the directory's ``meta`` (None:
+    Pebble's own directory, which lists none, is passed through). newOrder payloads are
+    recorded (see :class:`AriStub`) and forwarded unchanged to Pebble, which ignores
+    the ``profile`` member it does not know (Go's JSON decoding drops unknown fields)
+    and issues its usual certificate; nothing has to be stripped, which would break the
+    JWS signature anyway. Every request's method and path is kept in ``requests``."""
+
+    def __init__(self, peb: Pebble, profiles: dict[str, str] | None) -> None:
+        super().__init__(peb)
+        self.profiles = profiles
+        self.requests: list[str] = []
+
+    def _local(self, method: str, path: str, body: bytes) -> tuple[int, list[str], bytes] | None:
+        self.requests.append(f"{method} {path}")
+        return super()._local(method, path, body)
+
+    def _rewrite(self, path: str, content: bytes) -> bytes:
+        if path != "/dir" or self.profiles is None:
+            return content
+        doc = json.loads(content)
+        doc.setdefault("meta", {})["profiles"] = self.profiles
+        return json.dumps(doc).encode()
+
+
+STUB_PROFILES = {
+    "shortlived": "https://ca.example/docs#shortlived",
+    "classic": "https://ca.example/docs#classic",
+}
+
+
+def test_profile_stub_directory_profile_is_sent_in_new_order_and_cert_stored(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    with ProfileStub(pebble, STUB_PROFILES) as stub:
+        inv = write_inventory(tmp_path, pebble, ["prof0", "prof1"], directory=stub.directory)
+        path = inv / "inv.yaml"
+        text = path.read_text(encoding="utf-8")
+        anchor = "    terms_of_service_agreed: true\n"
+        path.write_text(text.replace(anchor, anchor + "    profile: shortlived\n"), "utf-8")
+        eng = Engine(inventory_path=inv)
+        try:
+            _, report = eng.apply()
+            assert report is not None and not report.failed, report.failed
+            # every newOrder carried the profile (a badNonce retry is recorded twice)
+            assert len(stub.new_orders) >= 2
+            assert {o.get("profile") for o in stub.new_orders} == {"shortlived"}
+            ordered = {i["value"] for o in stub.new_orders for i in o["identifiers"]}
+            assert ordered == {"prof0.example.com", "prof1.example.com"}
+            snap = eng.store().snapshot()
+            for n in ("prof0", "prof1"):
+                leaf = x509.load_pem_x509_certificate((inv / "out" / f"{n}.pem").read_bytes())
+                assert pki.sans(leaf) == [f"{n}.example.com"]
+                current = snap.certs[n].current
+                assert current is not None
+                assert current.serial == pki.serial_hex(leaf.serial_number)
+            again, _ = eng.plan()
+            assert again.actions == ()
+        finally:
+            eng.close()
+
+
+def test_profile_stub_directory_unlisted_profile_fails_before_any_order(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    with ProfileStub(pebble, STUB_PROFILES) as stub:
+        vault = conformance.StandInVault()
+        cfg = http01(pebble, directory=stub.directory, profile="tlsserver")
+        issuer = AcmeIssuer("acme", cfg, ctx(tmp_path, vault))
+        with pytest.raises(PermanentError) as err:
+            run(issuer.prepare(request(("unlisted.example.com",))))
+        msg = str(err.value)
+        assert "'tlsserver'" in msg and "offers: classic, shortlived" in msg, msg
+        assert msg.startswith("issuer acme: "), msg
+        # refused after reading the directory, before any account or order request
+        assert stub.requests == ["GET /dir"], stub.requests
+        assert stub.new_orders == [] and issuer.stats["orders_created"] == 0
+        assert ("acme", "account/url") not in vault.data
+
+
+def test_profile_stub_ca_listing_no_profiles_refuses_a_configured_profile(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    # The stub passes Pebble's own directory through: Debian's Pebble lists no profiles.
+    # Sending the profile anyway would get the CA's default certificate, silently not
+    # what was configured, so certctl refuses with an error that says why.
+    with ProfileStub(pebble, None) as stub:
+        vault = conformance.StandInVault()
+        cfg = http01(pebble, directory=stub.directory, profile="shortlived")
+        issuer = AcmeIssuer("acme", cfg, ctx(tmp_path, vault))
+        req = request(("noprofiles.example.com",))
+        with pytest.raises(PermanentError) as err:
+            run(issuer.prepare(req))
+        msg = str(err.value)
+        assert "'shortlived'" in msg and "lists no profiles" in msg, msg
+        assert stub.requests == ["GET /dir"], stub.requests
+        assert stub.new_orders == [] and issuer.stats["orders_created"] == 0
+        assert ("acme", "account/url") not in vault.data
+        # without a profile the same CA issues normally, and newOrder carries none
+        plain = AcmeIssuer("acme", http01(pebble, directory=stub.directory), ctx(tmp_path))
+        issued = run(plain.issue(req, run(plain.prepare(req))))
+        assert issued.serial
+        assert stub.new_orders and all("profile" not in o for o in stub.new_orders)
+
+
 def test_fault_proxy_transient_faults_are_retried_within_the_run(
     pebble: Pebble, tmp_path: Path
 ) -> None:

@@ -107,15 +107,29 @@ def validate(ctx: click.Context) -> None:
     "--detailed-exitcode", is_flag=True, help="Exit 0 with no changes, 2 with changes, 1 on error."
 )
 @click.option("--force-renew", "force", multiple=True, help="Plan a renewal of NAME regardless.")
+@click.option(
+    "--base",
+    "base_rev",
+    metavar="REV",
+    help="PR review: also compare with the inventory at git revision REV (certctl.review).",
+)
 @click.pass_context
 def plan_cmd(
-    ctx: click.Context, fmt: str, out: Path | None, detailed_exitcode: bool, force: tuple[str, ...]
+    ctx: click.Context,
+    fmt: str,
+    out: Path | None,
+    detailed_exitcode: bool,
+    force: tuple[str, ...],
+    base_rev: str | None,
 ) -> None:
     """Show what apply would do, and why."""
     eng = _engine(ctx)
-    _check_names(eng, force)
-    plan, _ = eng.plan(PlanOptions(force=frozenset(force)))
-    click.echo(render(plan, fmt), nl=False)
+    if base_rev is not None:
+        plan = _plan_against_base(eng, base_rev, fmt, PlanOptions(frozenset(force)))
+    else:
+        _check_names(eng, force)
+        plan, _ = eng.plan(PlanOptions(force=frozenset(force)))
+        click.echo(render(plan, fmt), nl=False)
     if out is not None:
         try:
             out.write_text(render_json(plan), encoding="utf-8")
@@ -124,6 +138,42 @@ def plan_cmd(
         click.echo(f"\nSaved the plan to {out}; apply it with: certctl apply {out}", err=True)
     if detailed_exitcode and plan.has_changes:
         sys.exit(2)
+
+
+def _plan_against_base(eng: Engine, base_rev: str, fmt: str, options: PlanOptions) -> Plan:
+    """`plan --base REV`: the real plan, rendered as a review against REV (exit 1 when
+    the working-tree inventory does not load)."""
+    from certctl import review
+    from certctl.errors import InventoryError
+    from certctl.plan.planner import plan as make_plan
+
+    registry = eng.get_registry()
+    try:
+        head = eng.inventory()
+    except InventoryError as exc:
+        repo, _ = review.repo_location(eng.inventory_path)
+        commit = review.resolve_commit(repo, base_rev)
+        result = review.Review(
+            "certctl plan",
+            f"{base_rev} ({commit[:12]})",
+            "working tree",
+            None,
+            tuple(str(p) for p in exc.problems),
+        )
+        click.echo(review.render_review(result, fmt), nl=False)
+        sys.exit(1)
+    _check_names(eng, tuple(options.force))
+    plan, observed = eng.plan(options)
+    result = review.review_plan(
+        eng.inventory_path,
+        base_rev,
+        head,
+        plan,
+        lambda inv: make_plan(inv, observed, plan.created_at, options),
+        registry,
+    )
+    click.echo(review.render_review(result, fmt), nl=False)
+    return plan
 
 
 def _check_names(eng: Engine, names: tuple[str, ...]) -> None:
@@ -169,6 +219,24 @@ def _print_report(plan: Plan, report: ApplyReport) -> None:
         a = r.action
         where = f" -> {a.placement}" if a.placement else ""
         click.echo(f"  FAILED {a.kind.value} {a.cert}{where}: {r.error}", err=True)
+
+
+@cli.command("diff")
+@click.argument("base_rev", metavar="REV1")
+@click.argument("head_rev", metavar="REV2")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text")
+@click.pass_context
+def diff_cmd(ctx: click.Context, base_rev: str, head_rev: str, fmt: str) -> None:
+    """PR review: what changing the inventory from git revision REV1 to REV2 does
+    (certificates added, removed, changed; implied actions; risky effects). Exit 1
+    when the inventory at REV2 does not load."""
+    from certctl import review
+
+    eng = _engine(ctx)
+    result = review.review_revisions(eng.inventory_path, base_rev, head_rev, eng.get_registry())
+    click.echo(review.render_review(result, fmt), nl=False)
+    if result.failed:
+        sys.exit(1)
 
 
 @cli.command()
@@ -525,6 +593,79 @@ def show(ctx: click.Context, name: str, fmt: str) -> None:
         click.echo(f"    {d['placement']}: v{d['version']} {d['status']}")
 
 
+@cli.command("notify")
+@click.option("--dry-run", is_flag=True, help="Show what would be sent; send and record nothing.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def notify_cmd(ctx: click.Context, dry_run: bool, fmt: str) -> None:
+    """One notification pass: expiry warnings, failures of the last apply, unreachable
+    issuers; deduplicated, retried with backoff, dead-lettered (certctl.notify).
+    Exit 1 when a notification was dead-lettered in this pass."""
+    from certctl import notify
+
+    report = notify.run_once(_engine(ctx), dry_run=dry_run)
+    if fmt == "json":
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    elif dry_run:
+        for d in report.would_send:
+            click.echo(f"would send {d.event.key} -> {d.notifier}: {d.event.title}")
+        click.echo(f"{len(report.would_send)} notification(s) would be sent (dry run).")
+    else:
+        for key, name in report.sent:
+            click.echo(f"sent {key} -> {name}")
+        for key, name, error in report.retrying:
+            click.echo(f"  retrying {key} -> {name}: {error}", err=True)
+        for key, name, error in report.dead:
+            click.echo(f"  DEAD {key} -> {name}: {error}", err=True)
+        click.echo(
+            f"{len(report.events)} event(s), {report.new} new notification(s); "
+            f"{len(report.sent)} sent, {len(report.retrying)} to retry, "
+            f"{len(report.dead)} dead-lettered."
+        )
+    if report.dead:
+        sys.exit(1)
+
+
+@cli.command("notifications")
+@click.option("--status", type=click.Choice(["pending", "sent", "dead"]), default=None)
+@click.option("--limit", default=200, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.pass_context
+def notifications_cmd(ctx: click.Context, status: str | None, limit: int, fmt: str) -> None:
+    """List notifications: sent, pending (with their next attempt) and dead-letter."""
+    rows = _engine(ctx).store().list_notifications(status=status, limit=limit)
+    if fmt == "json":
+        data = [
+            {
+                "key": r.key,
+                "notifier": r.notifier,
+                "event": r.event,
+                "cert": r.cert,
+                "status": r.status,
+                "attempts": r.attempts,
+                "next_attempt_at": r.next_attempt_at.isoformat() if r.next_attempt_at else None,
+                "last_error": r.last_error,
+                "created_at": r.created_at.isoformat() if r.created_at else None,
+                "updated_at": r.updated_at.isoformat() if r.updated_at else None,
+                "title": r.payload.get("title"),
+            }
+            for r in rows
+        ]
+        click.echo(json.dumps(data, indent=2))
+        return
+    if not rows:
+        click.echo("No notifications recorded.")
+        return
+    for r in rows:
+        nxt = (
+            f" next {r.next_attempt_at:%Y-%m-%d %H:%M}"
+            if r.status == "pending" and r.next_attempt_at
+            else ""
+        )
+        err = f" ({r.last_error})" if r.last_error else ""
+        click.echo(f"{r.status:<7} {r.notifier:<16} {r.key} attempts={r.attempts}{nxt}{err}")
+
+
 @cli.group()
 def db() -> None:
     """State store maintenance."""
@@ -622,6 +763,17 @@ def apikey_delete(ctx: click.Context, name: str) -> None:
     if not _engine(ctx.find_root()).store().delete_api_key(name):
         raise CertctlError(f"no API key named {name!r}")
     click.echo(f"Deleted API key {name!r}.")
+
+
+def _add_daemon_commands() -> None:
+    """``drift``, ``daemon`` and ``hooks`` live in :mod:`certctl.daemon.commands`."""
+    from certctl.daemon.commands import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_add_daemon_commands()
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from certctl.model import (
     Certificate,
     DeploymentRecord,
     FileRecord,
+    KeySpec,
     Placement,
     Profile,
     SecretBytes,
@@ -85,6 +86,12 @@ class IssueRequest:
 
     ``private_key`` is a ``cryptography`` private key object (it never prints its
     material); issuers that need a CSR build one with :func:`certctl.pki.build_csr`.
+
+    With ``key_custody: target`` the key was made on the target host: ``private_key``
+    is None, ``csr_pem`` holds the CSR the host signed (already checked by the executor
+    with :func:`certctl.pki.csr_public_key`: valid signature, exactly the certificate's
+    names) and ``public_key`` is its key. An issuer issues for ``public_key``; one that
+    submits a CSR (ACME) sends ``csr_pem`` as it is.
     """
 
     cert: Certificate
@@ -93,6 +100,8 @@ class IssueRequest:
     public_key: Any
     #: The version this issuance replaces (a renewal), if any (ACME ``replaces``).
     previous: VersionRecord | None = None
+    #: The CSR from the target host (``key_custody: target``); None otherwise.
+    csr_pem: bytes | None = field(default=None, repr=False)
     #: Set by the executor once the payload is journaled: an issuer whose payload
     #: stopped being usable (an ACME order that went invalid) journals its
     #: replacement through this before any side effect on it (e.g. finalize).
@@ -177,6 +186,9 @@ class Material:
     cert_pem: bytes
     chain_pem: bytes
     key_pem: SecretBytes | None
+    #: ``key_custody: target``: the key is on the host (``key_pem`` is None); the
+    #: target swaps in the key :meth:`Target.generate_key` left pending there.
+    key_on_target: bool = False
 
     @property
     def fullchain_pem(self) -> bytes:
@@ -190,6 +202,9 @@ class Staged:
     placement: Placement
     material: Material
     data: dict[str, Any] = field(default_factory=dict)  # connector-private
+    #: What :meth:`Target.verify` checked (JSON-able, no secrets), e.g. the endpoint
+    #: probed; the executor records it with the outcome and duration.
+    verify_detail: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -247,6 +262,30 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def observe(self, items: Sequence[ObserveItem]) -> list[TargetObservation]: ...
 
+    #: Whether :meth:`generate_key` is implemented (``key_custody: target``).
+    generates_keys: ClassVar[bool] = False
+
+    @classmethod
+    def check_key_custody(cls, placement: Placement, inventory_root: Path) -> list[str]:
+        """Problems with using this placement for ``key_custody: target`` (called at
+        inventory load for such certificates; empty when fine)."""
+        if not cls.generates_keys:
+            return [f"a {cls.type_name} target cannot generate keys on the host"]
+        return []
+
+    async def generate_key(
+        self, placement: Placement, spec: KeySpec, names: Sequence[str], *, reuse: bool
+    ) -> bytes:
+        """``key_custody: target``: make a private key ON the placement's host (it never
+        leaves it) and return a PEM CSR for ``names`` signed with it.
+
+        The key is left *pending* (not live) until :meth:`commit` of a
+        :class:`Material` with ``key_on_target`` swaps it in. Idempotent: a pending key
+        a killed run left is reused, so a rerun never makes a second key. With ``reuse``
+        (rotation ``never``) the live key is used when there is one.
+        """
+        raise NotImplementedError(f"a {self.type_name} target cannot generate keys")
+
     async def close(self) -> None:
         """Release what this instance holds in the running event loop (connections);
         the executor calls it once at the end of a run. Idempotent."""
@@ -254,10 +293,26 @@ class Target(abc.ABC):
 
 
 class Notifier(abc.ABC):
-    """Sends events somewhere (implemented in a later issue)."""
+    """Sends one notification somewhere (webhook, Slack, e-mail...); see certctl.notify.
+
+    Contract: :meth:`notify` delivers one message or raises. ``event`` is the event kind
+    (``expiring``, ``failed``, ``drift``, ``issuer_unreachable``...); ``payload`` holds
+    JSON-able facts with no secrets: ``key`` (the deduplication key, stable across
+    retries -- pass it on where the service deduplicates, e.g. PagerDuty's
+    ``dedup_key``), ``title``, ``text``, ``severity`` (info|warning|critical), ``cert``,
+    ``owner``, ``team`` and ``recipients`` (routed e-mail addresses). Secrets in the
+    config (:class:`certctl.model.Secret`) are revealed only while sending and never
+    appear in messages or exceptions. Raise :class:`certctl.errors.TransientError`
+    (retried with backoff) or :class:`certctl.errors.PermanentError` (dead-lettered).
+    """
 
     type_name: ClassVar[str]
     config_schema: ClassVar[Mapping[str, Any]] = {"type": "object"}
+
+    def __init__(self, name: str, config: Mapping[str, Any], ctx: ConnectorContext) -> None:
+        self.name = name
+        self.config = config
+        self.ctx = ctx
 
     @abc.abstractmethod
     async def notify(self, event: str, payload: Mapping[str, Any]) -> None: ...

@@ -178,6 +178,8 @@ class Profile:
     allowed_issuers: tuple[str, ...] = ()  # empty = any
     san_patterns: tuple[str, ...] = ()  # regexes every name must match one of; empty = any
     location: Location = NO_LOCATION
+    #: Days before expiry at which to notify (certctl.notify); empty = the default.
+    expiry_warnings: tuple[int, ...] = ()
 
     def digest(self) -> str:
         """What about the profile changes the issued certificate (used for renewals)."""
@@ -295,6 +297,11 @@ class Inventory:
     targets: Mapping[str, TargetDef] = field(default_factory=dict)
     owners: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     notifiers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: TLS endpoints ``certctl drift`` probes besides the targets' ``verify`` ones:
+    #: name -> {endpoint: "host:port", sni?, certificate?, timeout?}.
+    endpoints: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: Teams as written (``email``, ``members``); owners name them (notification routing).
+    teams: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     files: tuple[str, ...] = ()
     digest: str = ""  # sha256 over the inventory files' bytes, in load order
 

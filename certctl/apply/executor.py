@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from certctl.model import (
     DeploymentRecord,
     Inventory,
     Plan,
+    Profile,
     Reason,
     SecretBytes,
     StateSnapshot,
@@ -58,6 +60,12 @@ log = logging.getLogger(__name__)
 
 #: Field of an issue intent's journaled payload holding the spec it was made for.
 SPEC_FIELD = "_certctl_spec"
+#: At most this much of a failed command's output goes into a deploy.failed record.
+OUTPUT_MAX = 800
+#: Field of an issue intent for ``key_custody: target``: the placement whose host
+#: makes (made) the key. Such an intent holds no key; a rerun asks the host again,
+#: which reuses the pending key it left.
+KEYGEN_FIELD = "_certctl_keygen"
 T = TypeVar("T")
 
 
@@ -241,7 +249,11 @@ class Executor:
 
     def _still_resumable(self, it: StoredIntent, now: datetime) -> bool:
         cert = self.inv.certificates.get(it.cert)
-        if cert is None or it.key_pem is None:
+        if cert is None:
+            return False
+        if (KEYGEN_FIELD in it.payload) != (cert.key.custody == "target"):
+            return False  # custody changed since (or a key-less intent of another kind)
+        if it.key_pem is None and KEYGEN_FIELD not in it.payload:
             return False
         if now - it.created_at > timedelta(seconds=self.settings.resume_max_age_s):
             return False
@@ -373,24 +385,26 @@ class Executor:
     async def _issue(self, action: Action, placements: list[str]) -> Material:
         name = action.cert
         cert = self.inv.certificates[name]
-        if cert.key.custody != "controller":
-            raise PermanentError(
-                f"{name}: key custody {cert.key.custody!r} needs a target that generates "
-                "keys on the host; none of this certificate's targets can"
-            )
         profile = profile_for(self.inv, cert)
         issuer = self.conns.issuer(cert.issuer)
         record = self.snapshot.certs.get(name)
         resumed = self._resumable.pop(name, None)
 
         previous = record.current if record is not None else None
-        if resumed is not None and resumed.key_pem is not None:
+        key_pem: SecretBytes | None
+        payload: Mapping[str, Any]
+        if cert.key.custody == "target":
+            req, payload, intent_id = await self._target_key_request(
+                action, cert, profile, issuer, record, resumed
+            )
+            key_pem = None
+        elif cert.key.custody != "controller":
+            raise PermanentError(f"{name}: unknown key custody {cert.key.custody!r}")
+        elif resumed is not None and resumed.key_pem is not None:
             key = pki.load_key_pem(resumed.key_pem.reveal())
             key_pem = resumed.key_pem
             req = IssueRequest(cert, profile, key, key.public_key(), previous)
-            payload: Mapping[str, Any] = {
-                k: v for k, v in resumed.payload.items() if k != SPEC_FIELD
-            }
+            payload = {k: v for k, v in resumed.payload.items() if k != SPEC_FIELD}
             intent_id = resumed.id
         else:
             key, key_pem = await self._new_or_reused_key(cert, record)
@@ -413,6 +427,7 @@ class Executor:
             )
 
         journaled: dict[str, Any] = {"intent": intent_id, "payload": payload}
+        keygen = {KEYGEN_FIELD: cert.placements[0].id} if cert.key.custody == "target" else {}
 
         async def rejournal(replacement: Mapping[str, Any]) -> None:
             """The issuer's payload changed (a new ACME order): journal the replacement,
@@ -427,7 +442,7 @@ class Executor:
                             name,
                             action.kind.value,
                             None,
-                            {**replacement, SPEC_FIELD: spec},
+                            {**replacement, SPEC_FIELD: spec, **keygen},
                             key_pem,
                         )
                     ],
@@ -522,7 +537,85 @@ class Executor:
             issued.cert_pem,
             issued.chain_pem,
             key_pem,
+            key_on_target=cert.key.custody == "target",
         )
+
+    async def _target_key_request(
+        self,
+        action: Action,
+        cert: Certificate,
+        profile: Profile,
+        issuer: Issuer,
+        record: CertRecord | None,
+        resumed: StoredIntent | None,
+    ) -> tuple[IssueRequest, Mapping[str, Any], str]:
+        """``key_custody: target``: journal, have the placement's target make the key
+        on its host (or reuse the pending one a killed run left, or with rotation
+        ``never`` the live one), check the CSR that comes back, then let the issuer
+        prepare and journal its payload. Only the CSR ever reaches the controller."""
+        name = cert.name
+        if len(cert.placements) != 1:  # also refused at inventory load
+            raise PermanentError(f"{name}: key custody 'target' needs exactly one placement")
+        placement = cert.placements[0]
+        target = self.conns.target(placement.target)
+        self._used_targets[placement.target] = target
+        if not target.generates_keys:
+            raise PermanentError(
+                f"{name}: key custody 'target' needs a target that generates keys on the "
+                f"host; {placement.target!r} cannot"
+            )
+        spec = spec_digest(cert, profile)
+        intent_id = resumed.id if resumed is not None else uuid.uuid4().hex
+        if resumed is None:  # journal BEFORE the host makes a key
+            await self.writer.write(
+                Batch(
+                    intents=[
+                        IntentRecord(
+                            intent_id,
+                            name,
+                            action.kind.value,
+                            placement.id,
+                            {SPEC_FIELD: spec, KEYGEN_FIELD: placement.id},
+                        )
+                    ]
+                )
+            )
+        self.faults.hit("before_target_keygen")
+        cur = record.current if record is not None else None
+        reuse = (
+            cert.key.rotation == "never"
+            and cur is not None
+            and cur.status == "active"
+            and cur.key_spec == cert.key.id
+            and cur.key_custody == "target"
+        )
+        csr = await self._with_retries(
+            lambda: target.generate_key(placement, cert.key, cert.names, reuse=reuse)
+        )
+        self.faults.hit("after_target_keygen")
+        pub = pki.csr_public_key(csr, cert.names, key_spec_id=cert.key.id)
+        req = IssueRequest(cert, profile, None, pub, cur, csr_pem=csr)
+        old = dict(resumed.payload) if resumed is not None else {}
+        payload = {k: v for k, v in old.items() if k not in (SPEC_FIELD, KEYGEN_FIELD)}
+        if not payload:
+            payload = await issuer.prepare(req)
+            new_id = uuid.uuid4().hex
+            await self.writer.write(
+                Batch(
+                    intents=[
+                        IntentRecord(
+                            new_id,
+                            name,
+                            action.kind.value,
+                            placement.id,
+                            {**payload, SPEC_FIELD: spec, KEYGEN_FIELD: placement.id},
+                        )
+                    ],
+                    closed_intents=[(intent_id, "replaced")],
+                )
+            )
+            intent_id = new_id
+        return req, payload, intent_id
 
     async def _new_or_reused_key(
         self, cert: Certificate, record: CertRecord | None
@@ -604,7 +697,15 @@ class Executor:
             cert_pem, chain_pem, key_pem = await asyncio.to_thread(
                 self.store.material, name, cur.version
             )
-        return Material(name, cur.version, cur.fingerprint, cert_pem, chain_pem, key_pem)
+        return Material(
+            name,
+            cur.version,
+            cur.fingerprint,
+            cert_pem,
+            chain_pem,
+            key_pem,
+            key_on_target=cur.key_custody == "target",
+        )
 
     def preload_materials(self, plan: Plan) -> None:
         """Batch-load what deploy-only actions need (one query, not one per action)."""
@@ -650,21 +751,34 @@ class Executor:
         target = self.conns.target(placement.target)
         self._used_targets[placement.target] = target
         staged: Staged | None = None
+        step = "stage"
+        verify_start = 0.0
         try:
             staged = await target.stage(placement, material)
             self.faults.hit("after_stage")
+            step = "commit"
             files = await target.commit(staged)
             self.faults.hit("after_commit")
+            step = "verify"
+            verify_start = time.monotonic()
             await target.verify(staged)
+            verification = _verification(staged, True, verify_start)
         except Exception as exc:
             msg = error_text(exc)
             log.debug("deploy %s -> %s failed", name, pid, exc_info=True)
+            detail: dict[str, Any] = {"error": msg, "step": step}
+            output = getattr(exc, "output", None)
+            if isinstance(output, str) and output:  # trimmed, key-free (the target's job)
+                detail["output"] = output[:OUTPUT_MAX]
+            if step == "verify" and staged is not None:
+                detail["verify"] = _verification(staged, False, verify_start)
             rollback_error = ""
             if staged is not None:
                 try:
                     await target.rollback(staged)
                 except Exception as rexc:
                     rollback_error = error_text(rexc)
+            detail["rollback_error"] = rollback_error
             await self.writer.write(
                 Batch(
                     closed_intents=[(intent_id, "failed")],
@@ -674,7 +788,7 @@ class Executor:
                             cert=name,
                             placement=pid,
                             run_id=self.run_id,
-                            detail={"error": msg, "rollback_error": rollback_error},
+                            detail=detail,
                         )
                     ],
                 )
@@ -706,6 +820,7 @@ class Executor:
                             "version": material.version,
                             "fingerprint": material.fingerprint,
                             "reasons": [r.code for r in action.reasons],
+                            "verify": verification,
                         },
                     )
                 ],
@@ -763,6 +878,13 @@ class Executor:
                 audit=[AuditEvent("retire", cert=action.cert, run_id=self.run_id)],
             )
         )
+
+
+def _verification(staged: Staged, ok: bool, start: float) -> dict[str, Any]:
+    """The verify outcome for the audit: ok, how long it took (ms) and what the target
+    says it checked (e.g. the endpoint it probed)."""
+    ms = max(0, round((time.monotonic() - start) * 1000))
+    return {"ok": ok, "ms": ms, **staged.verify_detail}
 
 
 def _group_by_cert(actions: tuple[Action, ...]) -> list[list[Action]]:

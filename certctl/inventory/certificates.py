@@ -253,6 +253,8 @@ class _Builder:
         if not names_ok:
             return None
         placements = self._placements(name, targets, cert_ctx)
+        if placements is not None and spec.custody == "target":
+            ok = self._check_target_custody(name, placements, site) and ok
         if placements is None or not ok or ttl_s is None:
             return None
         return Certificate(
@@ -274,6 +276,39 @@ class _Builder:
             revoke_reason=str(c.get("revoke_reason", "unspecified")),
             location=site.location(at_key=True),
         )
+
+    def _check_target_custody(
+        self, name: str, placements: tuple[Placement, ...], site: Site
+    ) -> bool:
+        """``key.custody: target``: the key is made on the one host that uses it, so the
+        certificate must have exactly one placement, on a target that generates keys
+        (none is allowed here; apply then refuses to issue it, naming the reason)."""
+        where = f"certificate {quote(name)}"
+        if not placements:
+            return True  # deployed nowhere yet: apply refuses to issue it until it is
+        if len(placements) != 1:
+            self.ctx.problems.at(
+                site,
+                f"key custody 'target' needs exactly one placement (one host keeps the "
+                f"key), but {where} has {len(placements)}; use one certificate per host",
+                at_key=True,
+            )
+            return False
+        placement = placements[0]
+        spec = self.targets.get(placement.target)
+        if spec is None:
+            return False
+        try:
+            messages = list(spec.cls.check_key_custody(placement, self.ctx.root))
+        except Exception as exc:  # a connector bug must not become a traceback
+            messages = [f"check_key_custody failed: {type(exc).__name__}: {exc}"]
+        for message in messages:
+            self.ctx.problems.at(
+                site,
+                f"key custody 'target': {' '.join(str(message).split())} (for {where})",
+                at_key=True,
+            )
+        return not messages
 
     def _render_names(
         self, cn: str, sans: list[str], cert_ctx: dict[str, Any], site: Site

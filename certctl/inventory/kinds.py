@@ -85,6 +85,7 @@ def build_profiles(ctx: LoadContext) -> dict[str, Profile]:
             allowed_issuers=_issuer_refs(ctx, entry),
             san_patterns=_regexes(ctx, entry, "san_patterns"),
             location=entry.location,
+            expiry_warnings=tuple(sorted(v.get("expiry_warnings", ()), reverse=True)),
         )
     return out
 
@@ -313,3 +314,17 @@ def _resolve_hosts(
             ctx.problems.at(site, f"unknown host or group {quote(ref)}{hint}")
             ok = False
     return list(resolved) if ok else None
+
+
+def build_endpoints(ctx: LoadContext) -> dict[str, dict[str, Any]]:
+    """``endpoints:`` entries for ``certctl drift``; ``certificate`` must name one."""
+    out: dict[str, dict[str, Any]] = {}
+    for entry in ctx.good("endpoints"):
+        v = entry.value
+        if "certificate" in v:
+            ctx.check_ref(entry.site.sub("certificate"), "certificates", v["certificate"])
+        port = int(str(v["endpoint"]).rpartition(":")[2])
+        if not 0 < port < 65536:
+            ctx.problems.at(entry.site.sub("endpoint"), f"port {port} is out of range")
+        out[entry.name] = plain(v)
+    return out

@@ -114,13 +114,13 @@ def _load(path: Path, registry: Registry) -> Inventory:
     profiles = kinds.build_profiles(ctx)
     policies = kinds.build_policies(ctx)
     teams = kinds.build_teams(ctx)
-    del teams  # validated (owners refer to them); not part of the model yet
     notifiers = kinds.build_notifiers(ctx)
     owners = kinds.build_owners(ctx)
     hosts = kinds.build_hosts(ctx)
     topology = kinds.build_groups(ctx, hosts)
     targets = kinds.build_targets(ctx, hosts, topology)
     certs = certificates.build_certificates(ctx, profiles, policies, targets, hosts, topology)
+    endpoints = kinds.build_endpoints(ctx)
     ctx.problems.raise_if_any()
     return Inventory(
         root=root,
@@ -133,6 +133,8 @@ def _load(path: Path, registry: Registry) -> Inventory:
         targets={name: spec.definition for name, spec in targets.items()},
         owners=owners,
         notifiers=notifiers,
+        endpoints=endpoints,
+        teams=teams,
         files=tuple(names),
         digest=digest.hexdigest(),
     )

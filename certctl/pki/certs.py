@@ -304,3 +304,43 @@ def build_csr(
 
 def csr_pem(csr: x509.CertificateSigningRequest) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def csr_public_key(
+    pem: bytes, names_: Sequence[str], *, key_spec_id: str | None = None
+) -> keys.PublicKey:
+    """The public key of a CSR made elsewhere (a key generated on a target host), after
+    checking it: one PEM CSR, a valid self-signature, exactly ``names_`` in its SAN (and
+    a CN, when present, among them), and -- with ``key_spec_id`` -- the wanted key type."""
+    try:
+        csr = x509.load_pem_x509_csr(pem)
+    except ValueError as exc:
+        raise PKIError(f"not a PEM certificate signing request: {exc}") from exc
+    if not csr.is_signature_valid:
+        raise PKIError("the CSR's signature does not verify")
+    try:
+        ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        got = {names.name_value(g).lower() for g in ext.value}
+    except x509.ExtensionNotFound:
+        got = set()
+    want = {names.name_value(g).lower() for g in names.general_names(names_)}
+    if got != want:
+        raise PKIError(f"the CSR names {sorted(got)}, not the certificate's names {sorted(want)}")
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if any(str(a.value).lower() not in want for a in cns):
+        raise PKIError("the CSR's common name is not one of the certificate's names")
+    try:
+        pub = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise PKIError(f"unsupported CSR key: {exc}") from exc
+    if key_spec_id is not None and keys.key_spec_id(pub) != key_spec_id:
+        raise PKIError(f"the CSR's key is {keys.key_spec_id(pub)}, not {key_spec_id}")
+    return pub  # type: ignore[return-value]
+
+
+def same_public_key(a: object, b: object) -> bool:
+    """Whether two public keys are the same key (DER SubjectPublicKeyInfo)."""
+    try:
+        return keys.public_bytes(a) == keys.public_bytes(b)  # type: ignore[arg-type]
+    except (AttributeError, TypeError, ValueError):
+        return False

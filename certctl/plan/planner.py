@@ -195,6 +195,9 @@ def _plan_certificate(
             return []
         kind = ActionKind.ISSUE if current is None else ActionKind.RENEW
         details: dict[str, object] = {"names": list(cert.names), "issuer": cert.issuer}
+        if cert.key.custody == "target" and cert.placements:
+            details["key_custody"] = "target"  # the key is made on (and stays on) the host
+            details["key_on"] = cert.placements[0].id
         if current is not None:
             details.update(
                 previous_version=current.version,
@@ -247,7 +250,13 @@ def _issue_reasons(
         yield R.reason(R.CURRENT_REVOKED, serial=current.serial)
     if current.issuer != cert.issuer:
         yield R.reason(R.ISSUER_CHANGED, old=current.issuer, new=cert.issuer)
-    if current.key_spec != cert.key.id:
+    if current.key_custody != cert.key.custody:  # the key must move: a new one
+        yield R.reason(
+            R.KEY_CHANGED,
+            old=f"{current.key_spec} (custody {current.key_custody})",
+            new=f"{cert.key.id} (custody {cert.key.custody})",
+        )
+    elif current.key_spec != cert.key.id:
         yield R.reason(R.KEY_CHANGED, old=current.key_spec, new=cert.key.id)
     if sorted(current.names) != sorted(cert.names):
         added = sorted(set(cert.names) - set(current.names))

@@ -35,7 +35,11 @@ LEGEND = (
 
 
 def _target_label(a: Action) -> str:
-    return f" -> {a.placement}" if a.placement else ""
+    if a.placement:
+        return f" -> {a.placement}"
+    if a.details.get("key_custody") == "target":
+        return f" (key made on {a.details.get('key_on')})"
+    return ""
 
 
 def _reasons_text(reasons: tuple[Reason, ...]) -> str:

@@ -148,6 +148,28 @@ class RunStats:
     within: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class NotificationRecord:
+    """One notification to one notifier (migration 0003; see certctl.notify).
+
+    ``key`` is the deduplication key (``expiring:www:<serial>:7``): a (key, notifier)
+    pair is recorded once, so it is sent at most once however often a pass runs.
+    ``status``: ``pending`` (due at ``next_attempt_at``), ``sent`` or ``dead``
+    (dead-letter: gave up after too many attempts, or refused permanently)."""
+
+    key: str
+    notifier: str
+    event: str
+    cert: str | None
+    payload: Mapping[str, Any]  # JSON-able, no secrets
+    status: str = "pending"
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    last_error: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
 class StateStore(abc.ABC):
     """Abstract state store. See module docstring for the rules."""
 
@@ -300,3 +322,38 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def delete_api_key(self, name: str) -> bool:
         """Remove a key; False when there was none of that name."""
+
+    # --- notifications (migration 0003; certctl.notify) -------------------
+    @abc.abstractmethod
+    def enqueue_notifications(self, items: Sequence[NotificationRecord], now: datetime) -> int:
+        """Record new (key, notifier) pairs as pending, due ``now``; pairs already
+        recorded (in any status) are left alone. Returns how many were new."""
+
+    @abc.abstractmethod
+    def due_notifications(self, now: datetime, limit: int = 1000) -> list[NotificationRecord]:
+        """Pending notifications due at ``now``, oldest first."""
+
+    @abc.abstractmethod
+    def claim_notification(self, key: str, notifier: str, now: datetime, until: datetime) -> bool:
+        """Take a due pending notification for sending (its due time moves to
+        ``until``, a lease); False when it is not due or another process took it."""
+
+    @abc.abstractmethod
+    def finish_notification(
+        self,
+        key: str,
+        notifier: str,
+        *,
+        status: str,
+        attempts: int,
+        next_attempt_at: datetime | None,
+        error: str | None,
+        now: datetime,
+    ) -> None:
+        """Record the outcome of one attempt (sent, pending for a retry, or dead)."""
+
+    @abc.abstractmethod
+    def list_notifications(
+        self, *, status: str | None = None, limit: int = 1000
+    ) -> list[NotificationRecord]:
+        """Notifications, newest first (optionally of one status)."""

@@ -33,7 +33,14 @@ from certctl.model import (
     VersionRecord,
 )
 from certctl.state import crypto
-from certctl.state.base import Batch, RunRecord, RunStats, StateStore, StoredIntent
+from certctl.state.base import (
+    Batch,
+    NotificationRecord,
+    RunRecord,
+    RunStats,
+    StateStore,
+    StoredIntent,
+)
 
 STATE_DIR = ".certctl"
 #: Chunk size for IN-lists / unnest arrays of batch reads.
@@ -645,9 +652,7 @@ _DEPLOYMENT_PAGE = (
 _RUN_PAGE = (
     "SELECT id, kind, holder, started_at, finished_at, status, CAST(summary AS TEXT) FROM runs"
 )
-_AUDIT_PAGE = (
-    "SELECT id, at, event, cert, placement, run_id, CAST(detail AS TEXT) FROM audit"
-)
+_AUDIT_PAGE = "SELECT id, at, event, cert, placement, run_id, CAST(detail AS TEXT) FROM audit"
 
 
 def cert_status(retired: bool, version_status: str | None) -> str:
@@ -901,3 +906,107 @@ class ServerReads(abc.ABC):
 
     def delete_api_key(self, name: str) -> bool:
         return self._execute("DELETE FROM api_keys WHERE name = ?", (name,)) > 0
+
+    # --- notifications (migration 0003) -----------------------------------
+    def enqueue_notifications(self, items: Sequence[NotificationRecord], now: datetime) -> int:
+        at = self._ts_in(utc(now))
+        added = 0
+        # Several rows per statement (one transaction each), duplicates ignored.
+        for part in chunks(list(items), 50):
+            values = ", ".join("(?, ?, ?, ?, ?, 'pending', 0, ?, NULL, ?, ?)" for _ in part)
+            params: list[Any] = []
+            for n in part:
+                params += [n.key, n.notifier, n.event, n.cert, dump_json(n.payload), at, at, at]
+            added += self._execute(
+                "INSERT INTO notifications (key, notifier, event, cert, payload, status, "
+                "attempts, next_attempt_at, last_error, created_at, updated_at) VALUES "
+                + values
+                + " ON CONFLICT (key, notifier) DO NOTHING",
+                params,
+            )
+        return added
+
+    def due_notifications(self, now: datetime, limit: int = 1000) -> list[NotificationRecord]:
+        rows = self._query(
+            _NOTIFICATION_SELECT + " WHERE status = 'pending' AND next_attempt_at <= ? "
+            "ORDER BY created_at, key, notifier LIMIT ?",
+            (self._ts_in(utc(now)), int(limit)),
+        )
+        return [self._notification(r) for r in rows]
+
+    def claim_notification(self, key: str, notifier: str, now: datetime, until: datetime) -> bool:
+        return (
+            self._execute(
+                "UPDATE notifications SET next_attempt_at = ?, updated_at = ? "
+                "WHERE key = ? AND notifier = ? AND status = 'pending' AND next_attempt_at <= ?",
+                (
+                    self._ts_in(utc(until)),
+                    self._ts_in(utc(now)),
+                    key,
+                    notifier,
+                    self._ts_in(utc(now)),
+                ),
+            )
+            == 1
+        )
+
+    def finish_notification(
+        self,
+        key: str,
+        notifier: str,
+        *,
+        status: str,
+        attempts: int,
+        next_attempt_at: datetime | None,
+        error: str | None,
+        now: datetime,
+    ) -> None:
+        if status not in ("pending", "sent", "dead"):
+            raise StateError(f"unknown notification status {status!r}")
+        self._execute(
+            "UPDATE notifications SET status = ?, attempts = ?, next_attempt_at = ?, "
+            "last_error = ?, updated_at = ? WHERE key = ? AND notifier = ?",
+            (
+                status,
+                int(attempts),
+                self._ts_in(utc(next_attempt_at)) if next_attempt_at is not None else None,
+                error,
+                self._ts_in(utc(now)),
+                key,
+                notifier,
+            ),
+        )
+
+    def list_notifications(
+        self, *, status: str | None = None, limit: int = 1000
+    ) -> list[NotificationRecord]:
+        sql = _NOTIFICATION_SELECT
+        params: list[Any] = []
+        if status is not None:
+            sql += " WHERE status = ?"
+            params.append(status)
+        rows = self._query(
+            sql + " ORDER BY updated_at DESC, key, notifier LIMIT ?", (*params, int(limit))
+        )
+        return [self._notification(r) for r in rows]
+
+    def _notification(self, r: Sequence[Any]) -> NotificationRecord:
+        return NotificationRecord(
+            key=str(r[0]),
+            notifier=str(r[1]),
+            event=str(r[2]),
+            cert=r[3],
+            payload=load_json(r[4]) or {},
+            status=str(r[5]),
+            attempts=int(r[6]),
+            next_attempt_at=self._ts_out(r[7]),
+            last_error=r[8],
+            created_at=self._ts_out(r[9]),
+            updated_at=self._ts_out(r[10]),
+        )
+
+
+_NOTIFICATION_SELECT = (
+    "SELECT key, notifier, event, cert, payload, status, attempts, next_attempt_at, "
+    "last_error, created_at, updated_at FROM notifications"
+)

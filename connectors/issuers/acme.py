@@ -777,6 +777,8 @@ class AcmeIssuer(Issuer):
         return (start.astimezone(UTC), end.astimezone(UTC)), float(retry_s)
 
     def _csr(self, req: IssueRequest) -> bytes:
+        if req.csr_pem is not None:  # key custody target: the host's own CSR
+            return req.csr_pem
         return pki.csr_pem(pki.build_csr(req.private_key, list(req.cert.names)))
 
     async def issue(self, req: IssueRequest, payload: Mapping[str, Any]) -> IssuedCert:
@@ -1035,7 +1037,7 @@ class AcmeIssuer(Issuer):
         if not certs:
             raise PermanentError(self._fail("certificate", "the CA returned no certificate"))
         leaf = certs[0]
-        if not pki.keys_match(req.private_key, leaf.public_key()):
+        if not pki.same_public_key(req.public_key, leaf.public_key()):
             raise PermanentError(
                 self._fail("certificate", "the CA returned a certificate for another key")
             )

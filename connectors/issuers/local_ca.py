@@ -297,6 +297,11 @@ class LocalCAIssuer(Issuer):
                 "before the certificate could start"
             )
         pub = req.public_key
+        # key custody target: issue for the CSR's key only
+        if req.csr_pem is not None and not pki.same_public_key(
+            pki.csr_public_key(req.csr_pem, cert.names), pub
+        ):
+            raise PermanentError(f"issuer {self.name}: the CSR is for another key")
         kind = _key_kind(pub)
         ekus = tuple(req.profile.ekus)
         exts = signer.by_profile.get((ekus, kind))

@@ -1,8 +1,9 @@
 """Service presets: thin configurations of :class:`.ssh.ServiceTarget`.
 
 Presets: ``nginx``, ``haproxy``, ``apache``, ``postfix``, ``dovecot``, ``traefik``,
-``caddy`` and ``command`` (generic, like ``ssh``). Each only changes defaults (the
-``validate`` and ``reload`` argument lists) and which files it needs; everything else
+``caddy``, ``envoy`` (files plus an optional SDS secret file) and ``command``
+(generic, like ``ssh``). Each only changes defaults (the ``validate`` and ``reload``
+argument lists) and which files it needs; everything else
 -- SSH or local, staging, backups, rollback, verification, observe -- is the one
 mechanism in :mod:`.ssh`. A placement's own ``validate: [...]`` / ``reload: [...]``
 replace the defaults (``[]`` turns one off).
@@ -85,6 +86,17 @@ class CaddyTarget(ServiceTarget):
     required_roles = (("fullchain", "cert"), ("key",))
 
 
+class EnvoyTarget(ServiceTarget):
+    """Envoy: certificate chain + key files and, with ``sds_path``, an SDS secret file
+    (JSON, or YAML for ``.yaml``/``.yml``) naming them (``sds_name``, default the
+    certificate's name). Envoy watches the SDS file and reloads by itself; no
+    validate or reload by default."""
+
+    type_name = "envoy"
+    config_schema: ClassVar[Mapping[str, Any]] = _schema("envoy", sds=True)
+    required_roles = (("fullchain", "cert"), ("key",))
+
+
 class CommandTarget(ServiceTarget):
     """Generic: your files plus your own ``validate`` / ``reload`` commands."""
 
@@ -100,5 +112,6 @@ CONNECTORS: list[type[Target]] = [
     DovecotTarget,
     TraefikTarget,
     CaddyTarget,
+    EnvoyTarget,
     CommandTarget,
 ]

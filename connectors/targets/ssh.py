@@ -40,6 +40,12 @@ Deploy steps (the :class:`~certctl.connectors.Target` contract):
   the live endpoint answering with another certificate) or MATCH. An endpoint that
   does not answer is not counted against the files.
 
+Also: ``jks_path`` (+ ``jks_password``, ``jks_alias``, ``keytool``) builds a Java
+keystore with the host's ``keytool``; the ``envoy`` preset's ``sds_path`` writes an
+SDS secret file naming the chain and key files; with ``key_custody: target``
+:meth:`ServiceTarget.generate_key` makes the key on the host with its ``openssl``
+(pending beside ``key_path`` until the deploy commits) and only the CSR comes back.
+
 Commands run as argument lists: locally without a shell, remotely as one
 :func:`shlex.join`-quoted line, so ``$(id)`` in an argument stays a literal argument.
 Command output in errors is trimmed and never includes file contents.
@@ -51,20 +57,30 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
+import json
 import os
 import re
 import secrets
-import ssl
 import time
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from cryptography.hazmat.primitives import serialization
+
 from certctl import pki
 from certctl.connectors import Material, ObserveItem, Staged, Target
 from certctl.errors import CertctlError, PermanentError, UnsafeValueError
-from certctl.model import FileRecord, Placement, SecretBytes, TargetObservation, TargetState
+from certctl.model import (
+    FileRecord,
+    KeySpec,
+    Placement,
+    SecretBytes,
+    TargetObservation,
+    TargetState,
+)
+from certctl.observe import probe as tls_probe
 from certctl.transport.base import CommandResult, FileStat, HostIO
 from certctl.transport.local import LocalHost
 from certctl.transport.ssh import SSHPool, settings_for
@@ -73,6 +89,20 @@ from certctl_connectors.targets import file as filet
 T = TypeVar("T")
 SAFE_PATH = re.compile(r"^[A-Za-z0-9._/@+=,:%-]+$")
 OUTPUT_MAX = 800
+#: A FileRecord ``sha256`` of a key kept on the host (key custody ``target``): the
+#: SHA-256 of its public half (SubjectPublicKeyInfo DER), so nobody reads the key.
+PUB_MARK = "pub:"
+PENDING_MARK = ".certctl-pending"
+_CSR_RE = re.compile(
+    r"-----BEGIN CERTIFICATE REQUEST-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE REQUEST-----"
+)
+_PUB_RE = re.compile(r"-----BEGIN PUBLIC KEY-----[A-Za-z0-9+/=\s]+-----END PUBLIC KEY-----")
+_CSR_NAME = re.compile(r"^[A-Za-z0-9.*_:-]+$")
+#: Files only service targets write (besides the ``file`` target's roles), in the
+#: order they are renamed in: the JKS keystore (built by the host's ``keytool``) and
+#: envoy's SDS secret file (last: envoy reloads when it moves).
+EXTRA_PATH_KEYS = {"jks": "jks_path", "sds": "sds_path"}
+SDS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 _ARGV_SCHEMA = {
     "type": "array",
     "maxItems": 64,
@@ -80,10 +110,20 @@ _ARGV_SCHEMA = {
 }
 
 
-def _schema(type_name: str) -> dict[str, Any]:
+def _schema(type_name: str, *, sds: bool = False) -> dict[str, Any]:
     base = dict(filet.FileTarget.config_schema)
     props = dict(base["properties"])
     props["type"] = {"const": type_name}
+    props["jks_path"] = filet._PATH_SCHEMA
+    props["jks_password"] = filet._SECRET_SCHEMA
+    props["jks_alias"] = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}
+    props["keytool"] = {"type": "string", "minLength": 1, "maxLength": 4096}
+    path_keys = [*filet.PATH_KEYS.values(), "jks_path"]
+    if sds:
+        props["sds_path"] = filet._PATH_SCHEMA
+        props["sds_name"] = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}
+        path_keys.append("sds_path")
+    base["anyOf"] = [{"required": [k]} for k in path_keys]
     props["validate"] = _ARGV_SCHEMA
     props["reload"] = _ARGV_SCHEMA
     props["command_timeout"] = {"type": "number", "exclusiveMinimum": 0, "maximum": 3600}
@@ -117,6 +157,9 @@ class _Op:
     dropped: tuple[SecretBytes, tuple[int, int, int]] | None = field(default=None, repr=False)
     replaced: bool = False
     restored: bool = False
+    #: ``key_custody: target``: ``tmp`` is the pending key made on the host; it is
+    #: never deleted by cleanup, and a rollback moves it back to pending.
+    pending: bool = False
 
 
 @dataclass
@@ -187,10 +230,27 @@ class ServiceTarget(Target):
                     "deployment path (shell metacharacters, spaces, newlines and NUL are "
                     "refused; allowed: letters, digits and ._-/@+=,:%)"
                 )
+        for key in EXTRA_PATH_KEYS.values():
+            value = config.get(key)
+            if isinstance(value, str) and not SAFE_PATH.match(value):
+                raise UnsafeValueError(
+                    f"{key} {value!r} contains a character that is not allowed in a "
+                    "deployment path (allowed: letters, digits and ._-/@+=,:%)"
+                )
         remote = placement.host is not None
         if remote and isinstance(root, str) and not root.startswith("/"):
             raise UnsafeValueError(f"root {root!r} must be an absolute path on the host")
-        layout = filet._layout(config, "/" if remote else str(inventory_root), None)
+        layout = _service_layout(config, "/" if remote else str(inventory_root))
+        if "jks_path" in config:
+            if config.get("jks_password") is None:
+                raise UnsafeValueError("jks_path needs jks_password (a secret)")
+            _argv({"keytool": [config.get("keytool", "keytool")]}, "keytool", ())
+            if not isinstance(config.get("keytool", "keytool"), str):
+                raise UnsafeValueError("keytool must be a path")
+        if "sds_path" in config and not {f.role for f in layout.files} & {"fullchain", "cert"}:
+            raise UnsafeValueError("sds_path needs fullchain_path or cert_path to point at")
+        if "sds_path" in config and "key" not in {f.role for f in layout.files}:
+            raise UnsafeValueError("sds_path needs key_path to point at")
         roles = {f.role for f in layout.files}
         for need in cls.required_roles:
             if not roles & set(need):
@@ -202,6 +262,80 @@ class ServiceTarget(Target):
             _endpoint(config["verify"].get("endpoint"))
         if remote:
             settings_for(placement.connection)
+
+    # --------------------------------------------------------- key custody
+    generates_keys: ClassVar[bool] = True
+
+    @classmethod
+    def check_key_custody(cls, placement: Placement, inventory_root: Path) -> list[str]:
+        remote = placement.host is not None
+        try:
+            layout = _service_layout(placement.config, "/" if remote else str(inventory_root))
+        except CertctlError as exc:
+            return [str(exc)]
+        roles = {f.role for f in layout.files}
+        problems = []
+        if "key" not in roles:
+            problems.append("the target needs key_path (where the host keeps its key)")
+        for role in sorted(roles & {"combined", "pkcs12", "jks"}):
+            problems.append(
+                f"{({**filet.PATH_KEYS, **EXTRA_PATH_KEYS})[role]} needs the private key, "
+                "which certctl never sees with key custody 'target'"
+            )
+        if layout.backups < 1:
+            problems.append("backups must be at least 1 (a failed deploy restores the old key)")
+        return problems
+
+    async def generate_key(
+        self, placement: Placement, spec: KeySpec, names: Sequence[str], *, reuse: bool
+    ) -> bytes:
+        """Make the key on the host with its ``openssl`` (argument lists only) as
+        ``.<key name>.certctl-pending`` beside ``key_path`` (created empty with the key's
+        mode and owner first, so it is never readable by others), and return the CSR
+        ``openssl req`` prints. Only the CSR crosses the connection."""
+        rt = self._runtime()
+        host = self._host(rt, placement)
+        layout = self._layout(placement)
+        f = _key_file(layout)
+        config = placement.config
+        timeout = _timeout(config)
+        ids = await host.resolve_ids(config.get("owner"), config.get("group"))
+        await _ensure_dir(host, layout.root, f)
+        pending = _pending_path(f)
+        source: str | None = None
+        if reuse:
+            s = await host.lstat(f.path)
+            if s is not None and s.is_reg:
+                source = f.path
+        if source is None:
+            s = await host.lstat(pending)
+            if s is not None:
+                if not s.is_reg:
+                    raise UnsafeValueError(f"{pending} on {host.label} is not a regular file")
+                source = pending  # a killed run's key: reuse it, never make a second
+        if source is None:
+            tmp = f"{f.dir}/.{f.name}{filet.TEMP_MARK}{secrets.token_hex(6)}.tmp"
+            await host.write_new(tmp, b"", f.mode, *ids)
+            try:
+                res = await host.run(
+                    ["openssl", "genpkey", *_genpkey_args(spec), "-out", tmp], timeout
+                )
+                _check_result(res, "key generation (openssl genpkey)", host)
+                await host.sync_files([tmp])
+                await host.rename(tmp, pending)
+            except BaseException:
+                with contextlib.suppress(CertctlError):
+                    await host.unlink(tmp)
+                raise
+            await host.sync_dirs([f.dir])
+            source = pending
+        argv = ["openssl", "req", "-new", "-key", source, *_csr_args(names)]
+        res = await host.run(argv, timeout)
+        _check_result(res, "CSR (openssl req)", host)
+        match = _CSR_RE.search(res.output)
+        if match is None:
+            raise PermanentError(f"openssl req on {host.label} printed no CSR")
+        return match.group(0).encode() + b"\n"
 
     # ---------------------------------------------------------------- runtime
     def _runtime(self) -> _Runtime:
@@ -224,7 +358,7 @@ class ServiceTarget(Target):
     def _layout(self, placement: Placement) -> filet._Layout:
         remote = placement.host is not None
         base = "/" if remote else str(self.ctx.inventory_root)
-        return filet._layout(placement.config, base, None)
+        return _service_layout(placement.config, base)
 
     async def close(self) -> None:
         rt = self.ctx.shared.get(_SHARED)
@@ -239,7 +373,7 @@ class ServiceTarget(Target):
         layout = self._layout(placement)
         config = placement.config
         ids = await host.resolve_ids(config.get("owner"), config.get("group"))
-        contents = filet._Contents(material, layout.password)
+        contents = _ServiceContents(material, layout, config)
         st = _Stage(host, layout, ids, [], [])
         try:
             cleaned: set[str] = set()
@@ -248,7 +382,12 @@ class ServiceTarget(Target):
                 if f.dir not in cleaned:
                     cleaned.add(f.dir)
                     await _remove_stale(host, f.dir, {g.name for g in layout.files})
-                st.ops.append(await _stage_file(host, f, layout, ids, contents))
+                if f.role == "key" and material.key_on_target:
+                    st.ops.append(await _stage_target_key(host, f, material, config))
+                elif f.role == "jks":
+                    st.ops.append(await _stage_jks(host, f, layout, ids, material, config))
+                else:
+                    st.ops.append(await _stage_file(host, f, layout, ids, contents))
             await host.sync_files([op.tmp for op in st.ops if op.tmp is not None])
         except BaseException:
             await _cleanup_stage(st)
@@ -299,7 +438,18 @@ class ServiceTarget(Target):
 
     async def verify(self, staged: Staged) -> None:
         st = _state(staged)
+        staged.verify_detail["files_read_back"] = len(st.ops)
         for op in st.ops:
+            if op.sha256.startswith(PUB_MARK):  # a key kept on the host: compare halves
+                got = await _host_public_key(
+                    st.host, op.file.path, _timeout(staged.placement.config)
+                )
+                if got != op.sha256:
+                    raise PermanentError(
+                        f"{op.file.path} on {st.host.label} is not the key of the deployed "
+                        "certificate"
+                    )
+                continue
             data = await st.host.read(op.file.path)
             if hashlib.sha256(data).hexdigest() != op.sha256:
                 raise PermanentError(
@@ -312,7 +462,11 @@ class ServiceTarget(Target):
         sni = verify.get("sni") or None
         timeout = float(verify.get("timeout", 10))
         want = staged.material.fingerprint
+        staged.verify_detail["endpoint"] = f"{host}:{port}"
+        if sni:
+            staged.verify_detail["sni"] = sni
         seen = await probe_until(host, port, sni, want, timeout)
+        staged.verify_detail["served"] = (seen or "")[:16]
         if seen != want:
             if staged.placement.config.get("on_verify_failure") == "keep":
                 st.keep = True
@@ -403,6 +557,8 @@ class ServiceTarget(Target):
 
     async def _observe_one(self, host: HostIO, item: ObserveItem) -> TargetObservation:
         layout = self._layout(item.placement)
+        if any(f.role == "jks" for f in layout.files):
+            await _need_keytool(host, item.placement.config)  # plan names a missing keytool
         pid = item.placement.id
         expected = item.expected_fingerprint
         rec = item.record
@@ -455,6 +611,15 @@ class ServiceTarget(Target):
                 r = rec.files.get(f.role)
                 if r is None or r.path != f.path:
                     return differs(f"{f.role} file {f.path} is not recorded", found)
+                if r.sha256.startswith(PUB_MARK):  # key custody target: never read it
+                    got = await _host_public_key(host, f.path, _timeout(item.placement.config))
+                    if got != r.sha256:
+                        return differs(
+                            f"{f.role} file {f.path} on {host.label} is not the key of the "
+                            "deployed certificate",
+                            found,
+                        )
+                    continue
                 data = datas.get(f.role)
                 if data is None:
                     data = await host.read(f.path)
@@ -558,10 +723,20 @@ def _check_result(res: CommandResult, what: str, host: HostIO) -> None:
         out = "(output withheld: it mentions a private key)"
     if len(out) > OUTPUT_MAX:
         out = out[: OUTPUT_MAX - 1] + "…"
-    raise PermanentError(
+    raise CommandFailed(
         f"{what} failed on {host.label}: {res.argv[0]} exited with {res.status}"
-        + (f": {out}" if out else "")
+        + (f": {out}" if out else ""),
+        out,
     )
+
+
+class CommandFailed(PermanentError):
+    """A validate/reload/keytool... command failed; ``output`` is its trimmed output
+    (withheld when it mentions a private key), recorded with the failed deploy."""
+
+    def __init__(self, message: str, output: str) -> None:
+        super().__init__(message)
+        self.output = output
 
 
 async def _ensure_dir(host: HostIO, root: str, f: filet._File) -> list[str]:
@@ -658,8 +833,11 @@ async def _rotate_backups(
 
 async def _restore(st: _Stage, op: _Op) -> None:
     host, f, keep = st.host, op.file, st.layout.backups
+    if op.pending:  # the host's new key goes back to pending: it still matches the
+        await host.rename(f.path, _pending_path(f))  # issued certificate for a rerun
     if not op.existed:
-        await host.unlink(f.path)
+        if not op.pending:
+            await host.unlink(f.path)
     elif op.backup:
         await host.rename(f"{f.path}.bak.1", f.path)
         for i in range(2, keep + 1):
@@ -685,7 +863,7 @@ async def _restore(st: _Stage, op: _Op) -> None:
 
 async def _cleanup_temps(st: _Stage) -> None:
     for op in st.ops:
-        if op.tmp is not None:
+        if op.tmp is not None and not op.pending:
             await st.host.unlink(op.tmp)
             op.tmp = None
 
@@ -702,30 +880,282 @@ async def _cleanup_stage(st: _Stage) -> None:
         await _remove_new_dirs(st.host, st.new_dirs)
 
 
+# ------------------------------------------------------------ jks and sds
+
+
+def _service_layout(config: Mapping[str, Any], base: str) -> filet._Layout:
+    """The ``file`` layout plus the service-only files (``jks_path``, ``sds_path``),
+    confined by the same code."""
+    plain = {k: v for k, v in config.items() if k not in EXTRA_PATH_KEYS.values()}
+    only_extra = not any(k in config for k in filet.PATH_KEYS.values())
+    if only_extra:  # e.g. just a keystore: let the file layout resolve root and modes
+        plain["cert_path"] = ".certctl-layout-probe"
+    layout = filet._layout(plain, base, None)
+    files = [f for f in layout.files if not only_extra]
+    seen = {f.path for f in files}
+    mode = filet._mode(config.get("mode", filet.DEFAULT_MODE), "mode")
+    key_mode = filet._mode(config.get("key_mode", filet.DEFAULT_KEY_MODE), "key_mode")
+    for role, key in EXTRA_PATH_KEYS.items():
+        rel = config.get(key)
+        if rel is None:
+            continue
+        probe = filet._layout({"root": config.get("root"), "cert_path": rel}, base, None)
+        f = probe.files[0]
+        if f.path in seen:
+            raise UnsafeValueError(f"{key} {rel!r} names a file another path key names")
+        seen.add(f.path)
+        files.append(
+            filet._File(role, key, rel, f.path, f.dir, f.name, key_mode if role == "jks" else mode)
+        )
+    return filet._Layout(
+        layout.root, tuple(files), layout.uid, layout.gid, layout.backups, layout.password
+    )
+
+
+class _ServiceContents(filet._Contents):
+    """File contents, plus envoy's SDS secret file."""
+
+    def __init__(
+        self, material: Material, layout: filet._Layout, config: Mapping[str, Any]
+    ) -> None:
+        super().__init__(material, layout.password)
+        self.layout = layout
+        self.config = config
+
+    def get(self, role: str) -> bytes:
+        if role == "sds":
+            return sds_document(self.layout, self.config, self.m.cert)
+        return super().get(role)
+
+
+def sds_document(layout: filet._Layout, config: Mapping[str, Any], cert: str) -> bytes:
+    """An envoy SDS ``DiscoveryResponse`` file naming the deployed chain and key files
+    (``.yaml``/``.yml``: YAML, else JSON). Envoy watches it (``path_config_source``)
+    and reloads the certificate when certctl renames a new one in."""
+    by_role = {f.role: f.path for f in layout.files}
+    chain = by_role.get("fullchain") or by_role["cert"]
+    secret = {
+        "@type": SDS_TYPE,
+        "name": str(config.get("sds_name") or cert),
+        "tls_certificate": {
+            "certificate_chain": {"filename": chain},
+            "private_key": {"filename": by_role["key"]},
+        },
+    }
+    sds = next(f for f in layout.files if f.role == "sds")
+    if sds.name.endswith((".yaml", ".yml")):
+        q = json.dumps  # a JSON string is a valid YAML double-quoted scalar
+        text = (
+            "resources:\n"
+            f'- "@type": {q(SDS_TYPE)}\n'
+            f"  name: {q(secret['name'])}\n"
+            "  tls_certificate:\n"
+            "    certificate_chain:\n"
+            f"      filename: {q(chain)}\n"
+            "    private_key:\n"
+            f"      filename: {q(by_role['key'])}\n"
+        )
+        return text.encode()
+    return (json.dumps({"resources": [secret]}, indent=2) + "\n").encode()
+
+
+async def _need_keytool(host: HostIO, config: Mapping[str, Any]) -> str:
+    keytool = str(config.get("keytool", "keytool"))
+    try:
+        res = await host.run([keytool, "-help"], 30.0)
+        ok = res.ok
+    except PermanentError:
+        ok = False
+    if not ok:
+        raise PermanentError(
+            f"jks_path needs keytool, which is not installed on {host.label} "
+            f"({keytool!r} cannot be run; install a JRE or set keytool: /path/to/keytool)"
+        )
+    return keytool
+
+
+async def _stage_jks(
+    host: HostIO,
+    f: filet._File,
+    layout: filet._Layout,
+    ids: tuple[int, int],
+    material: Material,
+    config: Mapping[str, Any],
+) -> _Op:
+    """Build the keystore on the host: a PKCS#12 and the password go to a private
+    (0700) work directory beside it, ``keytool -importkeystore`` (passwords read from
+    a file, never on the command line) writes the JKS there, and its bytes are
+    uploaded to the usual temp with the key's mode and owner."""
+    keytool = await _need_keytool(host, config)
+    password = config.get("jks_password")
+    pw = filet._password(password)
+    if len(pw) < 6:
+        raise UnsafeValueError("jks_password must be at least 6 characters (keytool's rule)")
+    alias = str(config.get("jks_alias") or material.cert)
+    p12 = filet._Contents(material, password).pkcs12()
+    prefix = f".{f.name}.certctl-work-"
+    for n in await host.listdir(f.dir):  # a killed run's work directory
+        if n.startswith(prefix):
+            await _remove_work_dir(host, f"{f.dir}/{n}")
+    work = f"{f.dir}/{prefix}{secrets.token_hex(6)}"
+    await host.mkdir(work, 0o700)
+    try:
+        await host.write_new(f"{work}/src.p12", p12, 0o600, -1, -1)
+        await host.write_new(f"{work}/pass", pw + b"\n", 0o600, -1, -1)
+        argv = [
+            keytool,
+            "-importkeystore",
+            "-noprompt",
+            "-srckeystore",
+            f"{work}/src.p12",
+            "-srcstoretype",
+            "PKCS12",
+            "-srcstorepass:file",
+            f"{work}/pass",
+            "-srcalias",
+            material.cert,
+            "-destkeystore",
+            f"{work}/out.jks",
+            "-deststoretype",
+            "JKS",
+            "-deststorepass:file",
+            f"{work}/pass",
+            "-destkeypass:file",
+            f"{work}/pass",
+            "-destalias",
+            alias,
+        ]
+        _check_result(await host.run(argv, _timeout(config)), "keytool -importkeystore", host)
+        data = await host.read(f"{work}/out.jks")
+    finally:
+        await _remove_work_dir(host, work)
+    s = await host.lstat(f.path)
+    if s is not None and not s.is_reg:
+        raise UnsafeValueError(f"{f.key} {f.rel!r}: {f.path} is not a regular file")
+    old = await host.read(f.path) if s is not None and layout.backups == 0 else None
+    tmp = f"{f.dir}/.{f.name}{filet.TEMP_MARK}{secrets.token_hex(6)}.tmp"
+    ts = await host.write_new(tmp, data, f.mode, *ids)
+    op = _Op(f, hashlib.sha256(data).hexdigest(), ts.size, ts.mtime_ns, tmp=tmp)
+    if s is not None:
+        op.existed = True
+        if old is not None:
+            op.old = SecretBytes(old)
+            op.old_stat = (s.perms, s.uid, s.gid)
+    return op
+
+
+async def _remove_work_dir(host: HostIO, work: str) -> None:
+    with contextlib.suppress(CertctlError):
+        for n in await host.listdir(work):
+            await host.unlink(f"{work}/{n}")
+        await host.rmdir(work)
+
+
+# ------------------------------------------------------------ key custody
+
+
+def _key_file(layout: filet._Layout) -> filet._File:
+    f = next((f for f in layout.files if f.role == "key"), None)
+    if f is None:
+        raise PermanentError("key custody 'target' needs key_path")
+    return f
+
+
+def _pending_path(f: filet._File) -> str:
+    return f"{f.dir}/.{f.name}{PENDING_MARK}"
+
+
+def _genpkey_args(spec: KeySpec) -> list[str]:
+    if spec.algorithm == "ecdsa":
+        return [
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            f"ec_paramgen_curve:P-{spec.size}",
+            "-pkeyopt",
+            "ec_param_enc:named_curve",
+        ]
+    if spec.algorithm == "rsa":
+        return ["-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{int(spec.size)}"]
+    if spec.algorithm == "ed25519":
+        return ["-algorithm", "ED25519"]
+    raise PermanentError(f"cannot generate a {spec.id} key on a host")
+
+
+def _csr_args(names: Sequence[str]) -> list[str]:
+    if not names:
+        raise PermanentError("a CSR needs at least one name")
+    for n in names:
+        if not _CSR_NAME.match(n):
+            raise UnsafeValueError(f"name {n!r} cannot be put in a CSR made on the host")
+    sans = []
+    for n in names:
+        kind = pki.classify_name(n)
+        sans.append(("IP:" if kind.startswith("ip") else "DNS:") + n)
+    args = ["-subj", f"/CN={names[0]}" if len(names[0]) <= 64 else "/"]
+    return [*args, "-addext", "subjectAltName=" + ",".join(sans)]
+
+
+async def _host_public_key(host: HostIO, path: str, timeout: float) -> str | None:
+    """``pub:<sha256 of SPKI DER>`` of the key at ``path`` on the host, computed there
+    by ``openssl pkey -pubout`` (only the public half comes back); None if unreadable."""
+    res = await host.run(["openssl", "pkey", "-in", path, "-pubout"], timeout)
+    match = _PUB_RE.search(res.output) if res.ok else None
+    if match is None:
+        return None
+    try:
+        der = serialization.load_pem_public_key(match.group(0).encode()).public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except ValueError:
+        return None
+    return PUB_MARK + hashlib.sha256(der).hexdigest()
+
+
+def _cert_public_key(material: Material) -> str:
+    pub = pki.load_cert_pem(material.cert_pem).public_key()
+    der = pub.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return PUB_MARK + hashlib.sha256(der).hexdigest()
+
+
+async def _stage_target_key(
+    host: HostIO, f: filet._File, material: Material, config: Mapping[str, Any]
+) -> _Op:
+    """The key stays on the host: the live key if it already belongs to the
+    certificate (rotation ``never``, or a redeploy), else the pending key
+    :meth:`ServiceTarget.generate_key` made for it (renamed in at commit)."""
+    want = _cert_public_key(material)
+    timeout = _timeout(config)
+    s = await host.lstat(f.path)
+    if s is not None and not s.is_reg:
+        raise UnsafeValueError(f"{f.key} {f.rel!r}: {f.path} is not a regular file")
+    if (
+        s is not None
+        and s.perms == f.mode
+        and await _host_public_key(host, f.path, timeout) == want
+    ):
+        return _Op(f, want, s.size, s.mtime_ns, existed=True)
+    pending = _pending_path(f)
+    ps = await host.lstat(pending)
+    if ps is not None and ps.is_reg and await _host_public_key(host, pending, timeout) == want:
+        return _Op(f, want, ps.size, ps.mtime_ns, tmp=pending, existed=s is not None, pending=True)
+    raise PermanentError(
+        f"{material.cert}: neither {f.path} nor a pending key on {host.label} is the key of "
+        f"version {material.version} (key custody 'target'); renew it "
+        "(certctl renew --force) so the host makes a new key"
+    )
+
+
 # ------------------------------------------------------------------ endpoint
 
 
 async def fetch_fingerprint(host: str, port: int, sni: str | None, timeout: float) -> str | None:
     """SHA-256 fingerprint of the leaf an endpoint serves (no trust check: we compare
-    it with the one deployed). None when no TLS handshake succeeded."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    try:
-        _reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ctx, server_hostname=sni or None),
-            timeout,
-        )
-    except (OSError, TimeoutError, ssl.SSLError):
-        return None
-    try:
-        obj = writer.get_extra_info("ssl_object")
-        der = obj.getpeercert(binary_form=True) if obj is not None else None
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
-    return hashlib.sha256(der).hexdigest() if der else None
+    it with the one deployed). None when no TLS handshake succeeded. The probe is
+    :mod:`certctl.observe.probe`'s, shared with ``certctl drift``."""
+    return await tls_probe.fetch_fingerprint(host, port, sni, timeout)
 
 
 async def probe_until(

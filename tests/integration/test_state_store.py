@@ -168,7 +168,7 @@ def deployment(cert: str, placement: str, n: int) -> DeploymentRecord:
 
 def test_fresh_store_is_migrated_and_migrations_are_idempotent(backend: Backend) -> None:
     store = backend.open()
-    assert store.schema_version() == 2
+    assert store.schema_version() == 3
     assert store.migrate() == []
     snap = store.snapshot()
     assert snap.certs == {} and snap.deployments == {} and snap.intents == ()
@@ -177,7 +177,7 @@ def test_fresh_store_is_migrated_and_migrations_are_idempotent(backend: Backend)
         assert not (backend.root / ".certctl").exists()
     store.close()
     again = backend.open()
-    assert again.migrate() == [] and again.schema_version() == 2
+    assert again.migrate() == [] and again.schema_version() == 3
 
 
 def test_store_written_by_newer_certctl_is_refused(backend: Backend) -> None:

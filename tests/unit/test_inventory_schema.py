@@ -222,6 +222,7 @@ def test_schema_document_is_strict_except_where_documented() -> None:
         else:
             assert node.get("additionalProperties") is False, path
     kinds = {"vars", "defaults", "issuers", "profiles", "policies", "hosts", "groups",
-             "targets", "certificates", "owners", "teams", "notifiers"}  # fmt: skip
+             "targets", "certificates", "owners", "teams", "notifiers",
+             "endpoints"}  # fmt: skip
     assert set(document["properties"]) == kinds
     assert set(S.inventory_schema().kinds) == kinds

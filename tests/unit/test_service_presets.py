@@ -11,7 +11,18 @@ from certctl.model import Placement
 from certctl_connectors.targets import presets
 from certctl_connectors.targets.ssh import ServiceTarget, _argv
 
-TYPES = ["ssh", "nginx", "haproxy", "apache", "postfix", "dovecot", "traefik", "caddy", "command"]
+TYPES = [
+    "ssh",
+    "nginx",
+    "haproxy",
+    "apache",
+    "postfix",
+    "dovecot",
+    "traefik",
+    "caddy",
+    "envoy",
+    "command",
+]
 
 
 def test_presets_are_registered_service_targets() -> None:

@@ -1,0 +1,1 @@
+"""The reconcile daemon: scheduler loops with jitter, git-triggered reconcile, hooks."""

@@ -109,6 +109,19 @@ def _etag_matches(header: str | None, etag: str) -> bool:
     return False
 
 
+def decode_ocsp_get(text: str) -> bytes | None:
+    """The DER request of an OCSP GET path segment (RFC 6960 A.1: base64, URL-encoded;
+    the URL-safe alphabet is accepted too), or None when it is not base64.
+
+    Nothing is stripped: "/" is a base64 character, so an encoding may begin or end
+    with one."""
+    text = text.replace("-", "+").replace("_", "/")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (ValueError, binascii.Error):
+        return None
+
+
 def _ocsp_response(der: bytes) -> Response:
     return Response(der, media_type=OCSP_RESPONSE, headers={"Cache-Control": "no-transform"})
 
@@ -164,10 +177,8 @@ def create_app(
         text = request.path_params.get("req", "")
         if len(text) > 2 * ocsp_pki.MAX_REQUEST_BYTES:
             return _ocsp_response(ocsp_pki.MALFORMED)
-        text = text.strip("/").replace("-", "+").replace("_", "/")
-        try:
-            der = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-        except (ValueError, binascii.Error):
+        der = decode_ocsp_get(text)
+        if der is None:
             return _ocsp_response(ocsp_pki.MALFORMED)
         return _ocsp_response(pki.ocsp(issuer, der))
 

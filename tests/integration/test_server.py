@@ -606,3 +606,17 @@ def test_bulk_revoke_dry_run_lists_exactly_what_is_revoked(served: Served) -> No
     assert "0 certificate(s)" in none.stdout
     bad = s.certctl("revoke", "--filter", "colour=red", "--dry-run")
     assert bad.returncode == 1 and "bad filter" in bad.stderr
+
+
+
+def test_ocsp_get_path_with_slashes_at_either_end_decodes() -> None:
+    """Base64 may begin or end with '/': the GET form must not strip it (a flaky
+    malformedRequest came from requests whose encoding ended with one)."""
+    from certctl.server.app import decode_ocsp_get
+
+    for der in (b"0\x01\xff", b"\xfc\x00\x000\x01", b"0\x82\x01\xff\xff\xff"):
+        text = base64.b64encode(der).decode()
+        assert text.startswith("/") or text.endswith("/"), text
+        assert decode_ocsp_get(text) == der
+        assert decode_ocsp_get(base64.urlsafe_b64encode(der).decode().rstrip("=")) == der
+    assert decode_ocsp_get("not base64 at all!") is None

@@ -112,6 +112,7 @@ async def _run(daemon: Daemon, once: bool) -> Scheduler:
     "--interval-housekeeping", default=3600.0, show_default=True, type=click.FloatRange(0.01)
 )
 @click.option("--interval-git", default=60.0, show_default=True, type=click.FloatRange(0.01))
+@click.option("--interval-notify", default=300.0, show_default=True, type=click.FloatRange(0.01))
 @click.option("--git", "git_url", metavar="URL_OR_PATH", help="Reconcile from this repository.")
 @click.option("--branch", default="main", show_default=True, help="Branch to follow (--git).")
 @click.option("--git-path", default="", help="Inventory path inside the repository (--git).")
@@ -134,6 +135,7 @@ def daemon_cmd(
     interval_drift: float,
     interval_housekeeping: float,
     interval_git: float,
+    interval_notify: float,
     git_url: str | None,
     branch: str,
     git_path: str,
@@ -156,6 +158,7 @@ def daemon_cmd(
         interval_drift=interval_drift,
         interval_housekeeping=interval_housekeeping,
         interval_git=interval_git,
+        interval_notify=interval_notify,
         concurrency=concurrency,
         drift_timeout=drift_timeout,
         git_url=git_url,

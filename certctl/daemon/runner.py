@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from certctl import notify
 from certctl.apply.executor import ApplySettings
 from certctl.connectors import default_registry
 from certctl.daemon.gitsource import GitSource, redact_url
@@ -49,6 +50,7 @@ class DaemonConfig:
     interval_drift: float = 600.0
     interval_housekeeping: float = 3600.0
     interval_git: float = 60.0
+    interval_notify: float = 300.0
     concurrency: int = 25
     drift_timeout: float = 5.0
     drift_concurrency: int = 64
@@ -68,6 +70,7 @@ class Daemon:
     git: GitSource | None = None
     _drifted: frozenset[str] | None = None
     _reported: set[str] = field(default_factory=set)
+    _last_drift: drift.DriftReport | None = None
 
     def __post_init__(self) -> None:
         c = self.config
@@ -98,6 +101,7 @@ class Daemon:
             Loop("apply", c.interval_apply, self.apply_tick),
             Loop("drift", c.interval_drift, self.drift_tick),
             Loop("housekeeping", c.interval_housekeeping, self.housekeeping_tick),
+            Loop("notify", c.interval_notify, self.notify_tick),
         ]
         if c.watch:  # only runs when the inventory watch triggers it
             out.append(Loop("watch", WATCH_INTERVAL, self.watch_tick, initial=False))
@@ -197,9 +201,46 @@ class Daemon:
                         )
                     )
                 self._drifted = bad
+            self._last_drift = report
             return report
         finally:
             eng.close()
+
+    # ------------------------------------------------------------ notify
+    def notify_tick(self) -> None:
+        """One notification pass: expiry warnings, failures, unreachable issuers, and
+        the endpoints the last drift probe found drifted (deduplicated per endpoint
+        and what it served, so a drift is told once until it changes)."""
+        eng = self.engine()
+        if eng is None:
+            return
+        try:
+            report = notify.run_once(eng, eng.clock(), extra_events=self._drift_events())
+            if report.sent or report.dead:
+                self.say(f"notify: {len(report.sent)} sent, {len(report.dead)} dead-lettered")
+        finally:
+            eng.close()
+
+    def _drift_events(self) -> list[notify.Event]:
+        out: list[notify.Event] = []
+        report = self._last_drift
+        for f in report.findings if report is not None else ():
+            if f.status == drift.OK:
+                continue
+            e = f.expectation
+            served = str(f.served.get("fingerprint") or f.status)
+            out.append(
+                notify.Event(
+                    kind="drift",
+                    key=f"drift:{e.name}:{served}",
+                    title=f"drift at {e.endpoint}: {f.status}",
+                    text=f.detail,
+                    severity="warning",
+                    cert=e.cert,
+                    facts={"endpoint": e.endpoint, "sni": e.target.sni, "status": f.status},
+                )
+            )
+        return out
 
     # ------------------------------------------------------------ housekeeping
     def housekeeping_tick(self) -> None:

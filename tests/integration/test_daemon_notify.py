@@ -22,8 +22,8 @@ def closed_port() -> int:
 
 def test_drift_found_by_the_daemon_is_notified_once(
     tmp_path: Path,
-    receiver: Receiver,
-    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    receiver: Receiver,  # noqa: F811  (the imported fixture)
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("CERTCTL_TEST_DRIFT_HOOK", "hook-secret")
     inv = tmp_path / "inv"

@@ -77,6 +77,10 @@ def cli(
     logging.basicConfig(
         level=logging.WARNING - 10 * min(verbose, 2), format="%(levelname)s %(name)s: %(message)s"
     )
+    # HTTP client libraries log full request URLs at INFO/DEBUG; a notifier's webhook
+    # URL is itself a secret (Slack, Teams), so they stay at WARNING whatever -v says.
+    for noisy in ("httpx", "httpcore", "urllib3", "acme.client"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.ensure_object(dict)
     ctx.obj["engine"] = Engine(inventory_path=inventory, state_url=state, pool_size=pool_size)
 

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tarfile
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from certctl.errors import PermanentError, TransientError
 
@@ -28,8 +29,21 @@ _SHA = re.compile(r"^[0-9a-f]{40,64}$")
 
 
 def redact_url(url: str) -> str:
-    """``https://user:token@host/x`` -> ``https://***@host/x``."""
-    return _USERINFO.sub("***@", url)
+    """``https://user:token@host/x?access_token=t`` -> ``https://***@host/x?<redacted>``.
+
+    URLs are rebuilt from their parsed parts (user info up to the LAST ``@`` before
+    the host, and any query, are hidden); anything that does not parse as a URL with
+    a scheme and host falls back to the pattern, which is also used on free text."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _USERINFO.sub("***@", url)
+    if not parts.scheme or not parts.netloc:
+        return _USERINFO.sub("***@", url)
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"***@{host}" if "@" in parts.netloc else host
+    query = "<redacted>" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 class GitError(TransientError):

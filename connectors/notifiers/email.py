@@ -76,6 +76,11 @@ class EmailNotifier(Notifier):
                     smtp.starttls(context=context)
                     smtp.ehlo()
                 if "password" in self.config:
+                    if not self.config.get("starttls", True):
+                        raise PermanentError(
+                            f"notifier {self.name}: refusing to send the SMTP password "
+                            "without TLS (set starttls: true)"
+                        )
                     smtp.login(
                         str(self.config.get("username", "")), reveal(self.config["password"])
                     )

@@ -154,7 +154,7 @@ class _Op:
     old: SecretBytes | None = field(default=None, repr=False)
     old_stat: tuple[int, int, int] | None = None
     backup: bool = False
-    dropped: tuple[SecretBytes, tuple[int, int, int]] | None = field(default=None, repr=False)
+    dropped: str | None = None  # where the oldest backup was moved aside (restored on rollback)
     replaced: bool = False
     restored: bool = False
     #: ``key_custody: target``: ``tmp`` is the pending key made on the host; it is
@@ -815,14 +815,17 @@ async def _stage_file(
     return op
 
 
-async def _rotate_backups(
-    host: HostIO, path: str, keep: int
-) -> tuple[SecretBytes, tuple[int, int, int]] | None:
+async def _rotate_backups(host: HostIO, path: str, keep: int) -> str | None:
+    """Shift ``.bak.1..N`` on the host. The oldest backup is renamed aside (never read:
+    with target key custody it is a private key that must not leave the host); a
+    rollback renames it back, and the next stage of this file sweeps it like any stale
+    temp file."""
     dropped = None
     oldest = f"{path}.bak.{keep}"
-    s = await host.lstat(oldest)
-    if s is not None:
-        dropped = (SecretBytes(await host.read(oldest)), (s.perms, s.uid, s.gid))
+    if await host.lstat(oldest) is not None:
+        d, name = os.path.split(path)
+        dropped = f"{d}/.{name}{filet.TEMP_MARK}dropped-{secrets.token_hex(6)}.tmp"
+        await host.rename(oldest, dropped)
     for i in range(keep - 1, 0, -1):
         if await host.lstat(f"{path}.bak.{i}") is not None:
             await host.rename(f"{path}.bak.{i}", f"{path}.bak.{i + 1}")
@@ -844,11 +847,7 @@ async def _restore(st: _Stage, op: _Op) -> None:
             if await host.lstat(f"{f.path}.bak.{i}") is not None:
                 await host.rename(f"{f.path}.bak.{i}", f"{f.path}.bak.{i - 1}")
         if op.dropped is not None:
-            content, (mode, uid, gid) = op.dropped
-            tmp = f"{f.dir}/.{f.name}{filet.TEMP_MARK}{secrets.token_hex(6)}.tmp"
-            await host.write_new(tmp, content.reveal(), mode, uid, gid)
-            await host.sync_files([tmp])
-            await host.rename(tmp, f"{f.path}.bak.{keep}")
+            await host.rename(op.dropped, f"{f.path}.bak.{keep}")
             op.dropped = None
     elif op.old is not None and op.old_stat is not None:
         mode, uid, gid = op.old_stat

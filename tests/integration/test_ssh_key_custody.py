@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -315,3 +316,40 @@ def test_target_custody_is_validated_at_inventory_load(
         Engine(inv).inventory()
     (inv / "inventory.yaml").write_text(text)  # the good one loads
     assert Engine(inv).inventory().certificates["web"].key.custody == "target"
+
+
+def test_renewals_never_read_a_host_key_back(
+    tmp_path: Path, sshd: Any, nginx: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rotating backups must not read the oldest backup (a host-made private key) to
+    the controller; found in review: every renewal from the second on did."""
+    import certctl.transport.ssh as transport
+    from certctl.plan.planner import PlanOptions
+
+    reads: list[tuple[str, bool]] = []
+    for name in dir(transport):
+        cls = getattr(transport, name)
+        if isinstance(cls, type) and "read" in cls.__dict__:
+            original = cls.__dict__["read"]
+
+            async def recording_read(self: Any, path: str, _o: Any = original) -> bytes:
+                data: bytes = await _o(self, path)
+                reads.append((path, b"PRIVATE KEY" in data))
+                return data
+
+            monkeypatch.setattr(cls, "read", recording_read)
+    assert any(
+        "read" in getattr(transport, n).__dict__
+        for n in dir(transport)
+        if isinstance(getattr(transport, n), type)
+    )
+    inv = tmp_path / "inv"
+    custody_inventory(inv, sshd, nginx)
+    engine = Engine(inv, sync_mode="none")
+    try:
+        for _ in range(3):
+            _, report = engine.apply(options=PlanOptions(force=frozenset({"web"})))
+            assert report is not None and not report.failed
+    finally:
+        engine.close()
+    assert [p for p, has_key in reads if has_key] == []

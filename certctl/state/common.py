@@ -664,8 +664,10 @@ def cert_status(retired: bool, version_status: str | None) -> str:
     return version_status  # active | revoked (the current version is never superseded)
 
 
-class ServerReads(abc.ABC):
-    """Mixin for :class:`BaseStore`: the server's reads over two backend primitives."""
+class ServerReads(BaseStore):
+    """:class:`BaseStore` plus everything written once over two backend primitives
+    (``_query``/``_execute`` with ``?`` placeholders): the plain reads of the
+    interface, the issuer vault, and the server's reads."""
 
     #: ``COLLATE`` clause giving byte-wise order (empty on SQLite: BINARY is the default).
     _collate = ""
@@ -722,6 +724,32 @@ class ServerReads(abc.ABC):
             params = (cert,)
         rows = self._query(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
         return [audit_from_row(r, self._ts_out) for r in rows]
+
+    # The issuer vault (secret values encrypted, bound to issuer and key).
+    def get(self, issuer: str, key: str) -> bytes | None:
+        rows = self._query(
+            "SELECT value, secret FROM issuer_vault WHERE issuer = ? AND key = ?", (issuer, key)
+        )
+        if not rows:
+            return None
+        value, secret = rows[0]
+        if secret:
+            return self._cipher().decrypt(bytes(value), crypto.aad_vault(issuer, key))
+        return bytes(value)
+
+    def put(self, issuer: str, key: str, value: bytes, *, secret: bool) -> None:
+        stored = (
+            self._cipher().encrypt(bytes(value), crypto.aad_vault(issuer, key))
+            if secret
+            else bytes(value)
+        )
+        self._execute(
+            "INSERT INTO issuer_vault (issuer, key, value, secret, updated_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (issuer, key) DO UPDATE SET "
+            "value = excluded.value, secret = excluded.secret, "
+            "updated_at = excluded.updated_at",
+            (issuer, key, stored, bool(secret), self._ts_in(self._now())),
+        )
 
     def generation(self) -> int:
         rows = self._query("SELECT generation FROM meta WHERE id = 1")

@@ -411,31 +411,3 @@ class SQLiteStore(common.ServerReads, common.BaseStore):
 
     def _ts_in(self, value: datetime | None) -> Any:
         return _ts(value)
-
-    # ------------------------------------------------------------------ vault
-    def get(self, issuer: str, key: str) -> bytes | None:
-        with self._tx("DEFERRED") as conn:
-            row = conn.execute(
-                "SELECT value, secret FROM issuer_vault WHERE issuer = ? AND key = ?",
-                (issuer, key),
-            ).fetchone()
-        if row is None:
-            return None
-        if row[1]:
-            return self._cipher().decrypt(bytes(row[0]), crypto.aad_vault(issuer, key))
-        return bytes(row[0])
-
-    def put(self, issuer: str, key: str, value: bytes, *, secret: bool) -> None:
-        stored = (
-            self._cipher().encrypt(bytes(value), crypto.aad_vault(issuer, key))
-            if secret
-            else bytes(value)
-        )
-        with self._tx("IMMEDIATE") as conn:
-            conn.execute(
-                "INSERT INTO issuer_vault (issuer, key, value, secret, updated_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (issuer, key) DO UPDATE SET "
-                "value = excluded.value, secret = excluded.secret, "
-                "updated_at = excluded.updated_at",
-                (issuer, key, stored, bool(secret), _ts(self._now())),
-            )

@@ -608,7 +608,6 @@ def test_bulk_revoke_dry_run_lists_exactly_what_is_revoked(served: Served) -> No
     assert bad.returncode == 1 and "bad filter" in bad.stderr
 
 
-
 def test_ocsp_get_path_with_slashes_at_either_end_decodes() -> None:
     """Base64 may begin or end with '/': the GET form must not strip it (a flaky
     malformedRequest came from requests whose encoding ended with one)."""

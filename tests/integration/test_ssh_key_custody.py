@@ -14,7 +14,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +30,6 @@ from certctl.plan.render import render_text
 from certctl_connectors.targets.ssh import ServiceTarget
 from tests.integration.ssh_support import Nginx, Sshd
 from tests.integration.test_ssh_target import ctx, probe, run, write_inventory
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    server = Sshd(tmp_path_factory.mktemp("sshd-custody"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[Nginx]:
-    server = Nginx(tmp_path / "nginx", tmp_path / "certs")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def custody_inventory(inv: Path, sshd: Sshd, nginx: Nginx, rotation: str = "always") -> None:

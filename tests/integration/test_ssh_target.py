@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +33,9 @@ from tests.integration.ssh_support import CuttingProxy, HAProxy, Nginx, Sshd
 from tests.integration.test_file_target import Materials, snapshot
 
 
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    server = Sshd(tmp_path_factory.mktemp("sshd"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
 def materials(tmp_path_factory: pytest.TempPathFactory) -> Materials:
     return Materials(tmp_path_factory.mktemp("ca"), name="conf")
-
-
-@pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[Nginx]:
-    server = Nginx(tmp_path / "nginx", tmp_path / "certs")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def ctx(root: Path) -> ConnectorContext:

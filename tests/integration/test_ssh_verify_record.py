@@ -4,34 +4,13 @@ output, are recorded in the audit log (real sshd + nginx on loopback)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from certctl.engine import Engine
 from certctl.plan.planner import PlanOptions
 from tests.integration.ssh_support import Nginx, Sshd
 from tests.integration.test_ssh_target import current_fp, write_inventory
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    server = Sshd(tmp_path_factory.mktemp("sshd-verify"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[Nginx]:
-    server = Nginx(tmp_path / "nginx", tmp_path / "certs")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def events(engine: Engine, name: str) -> list[dict[str, Any]]:

@@ -8,7 +8,12 @@ exported with ``git archive`` and loaded there first, so a commit that breaks th
 inventory never replaces the one in force).
 
 ``git`` runs as argument lists with ``GIT_TERMINAL_PROMPT=0`` (never waits for a
-password); a URL's user-info (``https://user:token@host``) is never printed.
+password). A URL's user-info (``https://user:token@host``) is never printed and never
+put on git's command line (which every local user can read in ``ps``): it is taken
+out of the URL and handed to git through ``GIT_ASKPASS`` -- a small script in the
+0700 work directory that prints ``CERTCTL_GIT_USERNAME`` / ``CERTCTL_GIT_PASSWORD``
+from git's environment. Those two variables may also be set by the operator instead
+of writing the credentials into the URL.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import shutil
 import subprocess
 import tarfile
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from certctl.errors import PermanentError, TransientError
 
@@ -46,6 +51,32 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """``https://user:tok@host/r.git`` -> (``https://host/r.git``, ``user``, ``tok``).
+
+    Only http(s) URLs carry credentials this way; anything else (ssh, file paths,
+    scp-like ``git@host:repo``) is returned unchanged with no credentials."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url, None, None
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return url, None, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, sep, password = userinfo.partition(":")
+    clean = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return clean, unquote(user) or None, unquote(password) if sep else None
+
+
+_ASKPASS = """#!/bin/sh
+# Written by certctl: answers git's credential prompts from its environment.
+case "$1" in
+  Username*) printf '%s\\n' "$CERTCTL_GIT_USERNAME" ;;
+  *) printf '%s\\n' "$CERTCTL_GIT_PASSWORD" ;;
+esac
+"""
+
+
 class GitError(TransientError):
     """A git command failed (fetch: the remote may be back next tick)."""
 
@@ -58,7 +89,7 @@ class GitSource:
             raise PermanentError(f"branch {branch!r} is not a plain branch name")
         if subdir and (Path(subdir).is_absolute() or ".." in Path(subdir).parts):
             raise PermanentError(f"--git-path {subdir!r} must be a relative path inside the repo")
-        self.url = url
+        self.url, self._user, self._password = split_credentials(url)
         self.branch = branch
         self.workdir = workdir
         self.subdir = subdir.strip("/")
@@ -79,6 +110,12 @@ class GitSource:
     # ------------------------------------------------------------ plumbing
     def _git(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
         env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+        if self._user is not None:
+            env["CERTCTL_GIT_USERNAME"] = self._user
+        if self._password is not None:
+            env["CERTCTL_GIT_PASSWORD"] = self._password
+        if "CERTCTL_GIT_USERNAME" in env or "CERTCTL_GIT_PASSWORD" in env:
+            env["GIT_ASKPASS"] = str(self._askpass())
         try:
             proc = subprocess.run(
                 ["git", f"--git-dir={self.repo}", *args],
@@ -95,6 +132,18 @@ class GitSource:
             err = redact_url(proc.stderr.decode("utf-8", "replace").strip())
             raise GitError(f"git {args[0]} failed ({proc.returncode}): {err[-600:]}")
         return proc
+
+    def _askpass(self) -> Path:
+        path = self.workdir / "askpass.sh"
+        if not path.exists() or path.read_text() != _ASKPASS:
+            self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_suffix(".tmp")
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(_ASKPASS)
+            os.replace(tmp, path)
+        return path
 
     def _init(self) -> None:
         if not (self.repo / "HEAD").exists():

@@ -6,33 +6,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from certctl.connectors import Notifier
-from certctl_connectors.notifiers.webhook import (
-    SECRET_REF,
-    TIMEOUT,
-    body_bytes,
-    ca_verify,
-    post,
-    reveal,
-)
+from certctl_connectors.notifiers.webhook import SECRET_REF, HttpNotifier, http_schema, reveal
 
 ALERTS_URL = "https://api.opsgenie.com/v2/alerts"
 PRIORITY = {"critical": "P1", "warning": "P3", "info": "P5"}
 
 
-class OpsGenieNotifier(Notifier):
+class OpsGenieNotifier(HttpNotifier):
     type_name = "opsgenie"
-    config_schema = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["api_key"],
-        "properties": {
-            "api_key": SECRET_REF,
-            "url": {"type": "string", "pattern": "^https?://"},
-            "timeout": TIMEOUT,
-            "ca_file": {"type": "string"},
-        },
-    }
+    config_schema = http_schema(
+        "api_key", api_key=SECRET_REF, url={"type": "string", "pattern": "^https?://"}
+    )
 
     async def notify(self, event: str, payload: Mapping[str, Any]) -> None:
         doc: dict[str, Any] = {
@@ -50,13 +34,10 @@ class OpsGenieNotifier(Notifier):
         }
         if payload.get("team"):
             doc["responders"] = [{"type": "team", "name": str(payload["team"])}]
-        await post(
-            self.name,
+        await self.send(
             str(self.config.get("url", ALERTS_URL)),
-            body_bytes(doc),
+            doc,
             {"Authorization": f"GenieKey {reveal(self.config['api_key'])}"},
-            float(self.config.get("timeout", 10)),
-            verify=ca_verify(self),
         )
 
 

@@ -6,34 +6,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from certctl.connectors import Notifier
-from certctl_connectors.notifiers.webhook import (
-    SECRET_REF,
-    TIMEOUT,
-    body_bytes,
-    ca_verify,
-    post,
-    reveal,
-)
+from certctl_connectors.notifiers.webhook import SECRET_REF, HttpNotifier, http_schema, reveal
 
 EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 SEVERITY = {"critical": "critical", "warning": "warning", "info": "info"}
 
 
-class PagerDutyNotifier(Notifier):
+class PagerDutyNotifier(HttpNotifier):
     type_name = "pagerduty"
-    config_schema = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["routing_key"],
-        "properties": {
-            "routing_key": SECRET_REF,
-            "url": {"type": "string", "pattern": "^https?://"},
-            "source": {"type": "string"},
-            "timeout": TIMEOUT,
-            "ca_file": {"type": "string"},
-        },
-    }
+    config_schema = http_schema(
+        "routing_key",
+        routing_key=SECRET_REF,
+        url={"type": "string", "pattern": "^https?://"},
+        source={"type": "string"},
+    )
 
     async def notify(self, event: str, payload: Mapping[str, Any]) -> None:
         doc = {
@@ -52,14 +38,7 @@ class PagerDutyNotifier(Notifier):
                 },
             },
         }
-        await post(
-            self.name,
-            str(self.config.get("url", EVENTS_URL)),
-            body_bytes(doc),
-            {},
-            float(self.config.get("timeout", 10)),
-            verify=ca_verify(self),
-        )
+        await self.send(str(self.config.get("url", EVENTS_URL)), doc)
 
 
 CONNECTORS = [PagerDutyNotifier]

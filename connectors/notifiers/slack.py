@@ -5,32 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from certctl.connectors import Notifier
-from certctl_connectors.notifiers.webhook import (
-    TIMEOUT,
-    URL_OR_SECRET,
-    body_bytes,
-    ca_verify,
-    post,
-    reveal,
-)
+from certctl_connectors.notifiers.webhook import URL_OR_SECRET, HttpNotifier, http_schema, reveal
 
 EMOJI = {"critical": ":rotating_light:", "warning": ":warning:", "info": ":information_source:"}
 
 
-class SlackNotifier(Notifier):
+class SlackNotifier(HttpNotifier):
     type_name = "slack"
-    config_schema = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["webhook_url"],
-        "properties": {
-            "webhook_url": URL_OR_SECRET,
-            "channel": {"type": "string"},
-            "timeout": TIMEOUT,
-            "ca_file": {"type": "string"},
-        },
-    }
+    config_schema = http_schema(
+        "webhook_url", webhook_url=URL_OR_SECRET, channel={"type": "string"}
+    )
 
     async def notify(self, event: str, payload: Mapping[str, Any]) -> None:
         emoji = EMOJI.get(str(payload.get("severity")), "")
@@ -53,14 +37,7 @@ class SlackNotifier(Notifier):
         }
         if self.config.get("channel"):
             doc["channel"] = self.config["channel"]
-        await post(
-            self.name,
-            reveal(self.config["webhook_url"]),
-            body_bytes(doc),
-            {},
-            float(self.config.get("timeout", 10)),
-            verify=ca_verify(self),
-        )
+        await self.send(reveal(self.config["webhook_url"]), doc)
 
 
 CONNECTORS = [SlackNotifier]

@@ -5,31 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from certctl.connectors import Notifier
-from certctl_connectors.notifiers.webhook import (
-    TIMEOUT,
-    URL_OR_SECRET,
-    body_bytes,
-    ca_verify,
-    post,
-    reveal,
-)
+from certctl_connectors.notifiers.webhook import URL_OR_SECRET, HttpNotifier, http_schema, reveal
 
 COLOR = {"critical": "attention", "warning": "warning", "info": "default"}
 
 
-class TeamsNotifier(Notifier):
+class TeamsNotifier(HttpNotifier):
     type_name = "teams"
-    config_schema = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["webhook_url"],
-        "properties": {
-            "webhook_url": URL_OR_SECRET,
-            "timeout": TIMEOUT,
-            "ca_file": {"type": "string"},
-        },
-    }
+    config_schema = http_schema("webhook_url", webhook_url=URL_OR_SECRET)
 
     async def notify(self, event: str, payload: Mapping[str, Any]) -> None:
         facts = [
@@ -60,14 +43,7 @@ class TeamsNotifier(Notifier):
                 {"contentType": "application/vnd.microsoft.card.adaptive", "content": card}
             ],
         }
-        await post(
-            self.name,
-            reveal(self.config["webhook_url"]),
-            body_bytes(doc),
-            {},
-            float(self.config.get("timeout", 10)),
-            verify=ca_verify(self),
-        )
+        await self.send(reveal(self.config["webhook_url"]), doc)
 
 
 CONNECTORS = [TeamsNotifier]

@@ -5,8 +5,9 @@ HMAC-SHA256(secret, body bytes), so the receiver checks exactly the bytes it got
 ``X-Certctl-Event`` names the event and ``X-Certctl-Delivery`` carries the
 deduplication key (the same across retries).
 
-Also the HTTP helper the other HTTP notifiers use: secrets (URLs with tokens, API
-keys) are revealed only for the request and never appear in an error message.
+Also the base of the other HTTP notifiers (:class:`HttpNotifier`, :func:`http_schema`):
+secrets (URLs with tokens, API keys) are revealed only for the request and never
+appear in an error message.
 """
 
 from __future__ import annotations
@@ -76,24 +77,42 @@ async def post(
     raise PermanentError(f"notifier {notifier}: HTTP {resp.status_code} (request refused)")
 
 
+def http_schema(required: str, **properties: Any) -> dict[str, Any]:
+    """The config schema of an HTTP notifier: its own ``properties`` (``required``
+    among them) plus the ``timeout`` and ``ca_file`` every HTTP notifier takes."""
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [required],
+        "properties": {**properties, "timeout": TIMEOUT, "ca_file": {"type": "string"}},
+    }
+
+
+class HttpNotifier(Notifier):
+    """A notifier that POSTs one JSON document per event."""
+
+    async def send(
+        self, url: str, doc: Mapping[str, Any], headers: Mapping[str, str] | None = None
+    ) -> None:
+        await self.send_bytes(url, body_bytes(doc), headers or {})
+
+    async def send_bytes(self, url: str, body: bytes, headers: Mapping[str, str]) -> None:
+        timeout = float(self.config.get("timeout", 10))
+        await post(self.name, url, body, headers, timeout, verify=ca_verify(self))
+
+
 def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
 
 
-class WebhookNotifier(Notifier):
+class WebhookNotifier(HttpNotifier):
     type_name = "webhook"
-    config_schema = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["url"],
-        "properties": {
-            "url": URL_OR_SECRET,
-            "secret": SECRET_REF,
-            "signature_header": {"type": "string", "pattern": "^[A-Za-z0-9-]+$"},
-            "timeout": TIMEOUT,
-            "ca_file": {"type": "string"},
-        },
-    }
+    config_schema = http_schema(
+        "url",
+        url=URL_OR_SECRET,
+        secret=SECRET_REF,
+        signature_header={"type": "string", "pattern": "^[A-Za-z0-9-]+$"},
+    )
 
     async def notify(self, event: str, payload: Mapping[str, Any]) -> None:
         body = body_bytes({"event": event, **payload})
@@ -101,14 +120,7 @@ class WebhookNotifier(Notifier):
         if "secret" in self.config:
             header = str(self.config.get("signature_header", "X-Certctl-Signature"))
             headers[header] = sign(reveal(self.config["secret"]), body)
-        await post(
-            self.name,
-            reveal(self.config["url"]),
-            body,
-            headers,
-            float(self.config.get("timeout", 10)),
-            verify=ca_verify(self),
-        )
+        await self.send_bytes(reveal(self.config["url"]), body, headers)
 
 
 def ca_verify(notifier: Notifier) -> Any:

@@ -74,7 +74,7 @@ DEFAULT_KEY_MODE = 0o600
 TEMP_MARK = ".certctl-"
 _LAYOUT_CACHE_MAX = 100_000
 
-_PATH_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 4096}
+PATH_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 4096}
 _MODE_SCHEMA = {
     "oneOf": [
         {"type": "string", "pattern": "^0?[0-7]{3}$"},
@@ -87,7 +87,7 @@ _ID_SCHEMA = {
         {"type": "integer", "minimum": 0},
     ]
 }
-_SECRET_SCHEMA = {
+SECRET_SCHEMA = {
     "oneOf": [
         {"type": "string"},
         {
@@ -102,7 +102,7 @@ _SECRET_SCHEMA = {
 
 
 @dataclass(frozen=True, slots=True)
-class _File:
+class LayoutFile:
     role: str
     key: str  # config key, e.g. "cert_path"
     rel: str  # as configured
@@ -113,9 +113,9 @@ class _File:
 
 
 @dataclass(frozen=True, slots=True)
-class _Layout:
+class Layout:
     root: str  # absolute
-    files: tuple[_File, ...]
+    files: tuple[LayoutFile, ...]
     uid: int | None
     gid: int | None
     backups: int
@@ -126,7 +126,7 @@ class _Layout:
 class _Op:
     """One file of a staged deployment (connector-private, never printed)."""
 
-    file: _File
+    file: LayoutFile
     sha256: str
     size: int
     mtime_ns: int
@@ -142,7 +142,7 @@ class _Op:
 
 @dataclass
 class _StageState:
-    layout: _Layout
+    layout: Layout
     ops: list[_Op]
     new_dirs: list[str]  # directories stage created, outermost first
     committed: bool = False
@@ -167,9 +167,9 @@ class FileTarget(Target):
             "type": {"const": "file"},
             "description": {"type": "string"},
             "hosts": {},
-            "root": _PATH_SCHEMA,
-            **{k: _PATH_SCHEMA for k in PATH_KEYS.values()},
-            "pkcs12_password": _SECRET_SCHEMA,
+            "root": PATH_SCHEMA,
+            **{k: PATH_SCHEMA for k in PATH_KEYS.values()},
+            "pkcs12_password": SECRET_SCHEMA,
             "owner": _ID_SCHEMA,
             "group": _ID_SCHEMA,
             "mode": _MODE_SCHEMA,
@@ -186,14 +186,14 @@ class FileTarget(Target):
         self._ids: dict[tuple[str, str], int] = {}
         # id(placement config) -> (that config, its layout): observe and stage of one
         # run resolve each placement once. Holding the config keeps its id unique.
-        self._layouts: dict[int, tuple[Mapping[str, Any], _Layout]] = {}
+        self._layouts: dict[int, tuple[Mapping[str, Any], Layout]] = {}
 
     # ------------------------------------------------------------ validation
     @classmethod
     def check_placement(cls, placement: Placement, inventory_root: Path) -> list[str]:
         """Problems with the rendered paths (empty when fine). No file is changed."""
         try:
-            layout = _layout(placement.config, str(inventory_root), None)
+            layout = resolve_layout(placement.config, str(inventory_root), None)
         except CertctlError as exc:
             return [str(exc)]
         problems: list[str] = []
@@ -210,7 +210,7 @@ class FileTarget(Target):
         On failure the temps written so far are removed before the error propagates.
         """
         layout = self._layout(placement)
-        contents = _Contents(material, layout.password)
+        contents = Contents(material, layout.password)
         ops: list[_Op] = []
         new_dirs: list[str] = []
         try:
@@ -267,7 +267,7 @@ class FileTarget(Target):
         """Read every file back and compare its hash with what was deployed."""
         for op in _state(staged).ops:
             try:
-                data = _read(op.file.path)
+                data = read_nofollow(op.file.path)
             except OSError as exc:
                 raise PermanentError(
                     f"cannot read back {op.file.path}: {exc.strerror or exc}"
@@ -354,7 +354,7 @@ class FileTarget(Target):
         expected = item.expected_fingerprint
         rec = item.record
         stats: dict[str, os.stat_result] = {}
-        missing: list[_File] = []
+        missing: list[LayoutFile] = []
         for f in layout.files:
             try:
                 stats[f.role] = os.lstat(f.path)
@@ -408,14 +408,14 @@ class FileTarget(Target):
             return differs(attr_problem, found)
         return TargetObservation(item.cert, pid, TargetState.MATCH, fingerprint=found)
 
-    def _leaf(self, layout: _Layout) -> tuple[str, x509.Certificate] | None:
+    def _leaf(self, layout: Layout) -> tuple[str, x509.Certificate] | None:
         """(role, leaf certificate) from the first certificate-bearing file."""
         for f in layout.files:
             if f.role not in CERT_ROLES:
                 continue
-            data = _read(f.path)
+            data = read_nofollow(f.path)
             if f.role == "pkcs12":
-                cert = _pkcs12_leaf(data, layout.password)
+                cert = pkcs12_leaf(data, layout.password)
             else:
                 try:
                     cert = pki.load_cert_pem(data)
@@ -427,12 +427,12 @@ class FileTarget(Target):
         return None
 
     # -------------------------------------------------------------- helpers
-    def _layout(self, placement: Placement) -> _Layout:
+    def _layout(self, placement: Placement) -> Layout:
         config = placement.config
         hit = self._layouts.get(id(config))
         if hit is not None and hit[0] is config:
             return hit[1]
-        layout = _layout(config, str(self.ctx.inventory_root), self._ids)
+        layout = resolve_layout(config, str(self.ctx.inventory_root), self._ids)
         if len(self._layouts) >= _LAYOUT_CACHE_MAX:
             self._layouts.clear()
         self._layouts[id(config)] = (config, layout)
@@ -471,16 +471,18 @@ class _NoCert(PermanentError):
         self.role = role
 
 
-def _layout(config: Mapping[str, Any], inventory_root: str, ids: dict[Any, int] | None) -> _Layout:
+def resolve_layout(
+    config: Mapping[str, Any], inventory_root: str, ids: dict[Any, int] | None
+) -> Layout:
     """Resolve and confine the configured paths; raise UnsafeValueError if one escapes."""
     root_cfg = config.get("root")
     if not isinstance(root_cfg, str) or not root_cfg:
         raise UnsafeValueError("file target: 'root' is required")
     _check_chars("root", root_cfg)
     root = os.path.normpath(os.path.join(inventory_root, os.path.expanduser(root_cfg)))
-    mode = _mode(config.get("mode", DEFAULT_MODE), "mode")
-    key_mode = _mode(config.get("key_mode", DEFAULT_KEY_MODE), "key_mode")
-    files: list[_File] = []
+    mode = parse_mode(config.get("mode", DEFAULT_MODE), "mode")
+    key_mode = parse_mode(config.get("key_mode", DEFAULT_KEY_MODE), "key_mode")
+    files: list[LayoutFile] = []
     seen: dict[str, str] = {}
     for role in ROLES:
         key = PATH_KEYS[role]
@@ -505,7 +507,9 @@ def _layout(config: Mapping[str, Any], inventory_root: str, ids: dict[Any, int] 
         d, n = os.path.split(path)
         if n.endswith(".tmp") and TEMP_MARK in n:
             raise UnsafeValueError(f"{key} {rel!r} looks like a certctl temp file")
-        files.append(_File(role, key, rel, path, d, n, key_mode if role in SECRET_ROLES else mode))
+        files.append(
+            LayoutFile(role, key, rel, path, d, n, key_mode if role in SECRET_ROLES else mode)
+        )
     if not files:
         raise UnsafeValueError(
             "file target: at least one of " + ", ".join(PATH_KEYS.values()) + " is required"
@@ -518,7 +522,7 @@ def _layout(config: Mapping[str, Any], inventory_root: str, ids: dict[Any, int] 
         raise UnsafeValueError("pkcs12_password must be a secret ({env: ...} or {file: ...})")
     uid = _owner_id(config.get("owner"), "owner", ids)
     gid = _owner_id(config.get("group"), "group", ids)
-    return _Layout(root, tuple(files), uid, gid, backups, password)
+    return Layout(root, tuple(files), uid, gid, backups, password)
 
 
 def _check_chars(key: str, value: str) -> None:
@@ -528,7 +532,7 @@ def _check_chars(key: str, value: str) -> None:
         raise UnsafeValueError(f"{key} contains a newline")
 
 
-def _mode(value: Any, key: str) -> int:
+def parse_mode(value: Any, key: str) -> int:
     if isinstance(value, bool):
         raise UnsafeValueError(f"{key} must be an octal mode such as '0644'")
     if isinstance(value, int) and 0 <= value <= 0o777:
@@ -569,7 +573,7 @@ def _owner_id(value: Any, kind: str, cache: dict[Any, int] | None) -> int | None
     return ident
 
 
-def _symlink_problem(root: str, f: _File) -> str | None:
+def _symlink_problem(root: str, f: LayoutFile) -> str | None:
     """A problem if a path component below ``root`` exists and is a symlink."""
     current = root
     parts = os.path.relpath(f.path, root).split(os.sep)
@@ -591,7 +595,7 @@ def _symlink_problem(root: str, f: _File) -> str | None:
     return None
 
 
-def _ensure_dir(root: str, f: _File) -> list[str]:
+def _ensure_dir(root: str, f: LayoutFile) -> list[str]:
     """Create the file's directory (0755) below ``root``, refusing symlinks.
 
     Returns the directories created, outermost first (their parents need a sync).
@@ -643,7 +647,7 @@ def _ensure_dir(root: str, f: _File) -> list[str]:
 # ------------------------------------------------------------------ content
 
 
-class _Contents:
+class Contents:
     """The bytes of each role for one material, built on demand."""
 
     def __init__(self, material: Material, password: Secret | str | None) -> None:
@@ -678,7 +682,7 @@ class _Contents:
         key = pki.load_key_pem(self.key())
         leaf = pki.load_cert_pem(self.m.cert_pem)
         chain = pki.parse_pem_chain(self.m.chain_pem)
-        pw = _password(self.password)
+        pw = password_bytes(self.password)
         enc: serialization.KeySerializationEncryption
         if pw:
             enc = (
@@ -697,7 +701,7 @@ class _Contents:
     def same_pkcs12(self, existing: bytes) -> bool:
         """Whether an existing PKCS#12 file holds exactly this key, leaf and chain."""
         try:
-            p12 = pkcs12.load_pkcs12(existing, _password(self.password) or None)
+            p12 = pkcs12.load_pkcs12(existing, password_bytes(self.password) or None)
         except (ValueError, TypeError):
             return False
         if p12.key is None or p12.cert is None:
@@ -715,21 +719,21 @@ class _Contents:
         ]
 
 
-def _password(value: Secret | str | None) -> bytes:
+def password_bytes(value: Secret | str | None) -> bytes:
     if value is None:
         return b""
     return (value.reveal() if isinstance(value, Secret) else value).encode()
 
 
-def _pkcs12_leaf(data: bytes, password: Secret | str | None) -> x509.Certificate | None:
+def pkcs12_leaf(data: bytes, password: Secret | str | None) -> x509.Certificate | None:
     try:
-        p12 = pkcs12.load_pkcs12(data, _password(password) or None)
+        p12 = pkcs12.load_pkcs12(data, password_bytes(password) or None)
     except (ValueError, TypeError):
         return None
     return p12.cert.certificate if p12.cert is not None else None
 
 
-def _stage_file(f: _File, layout: _Layout, contents: _Contents) -> _Op:
+def _stage_file(f: LayoutFile, layout: Layout, contents: Contents) -> _Op:
     """Compare one file with what it should hold; write a temp if it differs."""
     try:
         st: os.stat_result | None = os.lstat(f.path)
@@ -776,14 +780,16 @@ def _stage_file(f: _File, layout: _Layout, contents: _Contents) -> _Op:
     return op
 
 
-def _read_for(f: _File) -> bytes:
+def _read_for(f: LayoutFile) -> bytes:
     try:
-        return _read(f.path)
+        return read_nofollow(f.path)
     except OSError as exc:
         raise PermanentError(f"cannot read {f.path}: {exc.strerror or exc}") from exc
 
 
-def _write_temp(f: _File, data: bytes, mode: int, uid: int, gid: int) -> tuple[str, os.stat_result]:
+def _write_temp(
+    f: LayoutFile, data: bytes, mode: int, uid: int, gid: int
+) -> tuple[str, os.stat_result]:
     """Write ``data`` to a new temp file next to ``f`` (never following a symlink)."""
     tmp = os.path.join(f.dir, f".{f.name}{TEMP_MARK}{secrets.token_hex(6)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -807,7 +813,8 @@ def _write_temp(f: _File, data: bytes, mode: int, uid: int, gid: int) -> tuple[s
     return tmp, st
 
 
-def _read(path: str) -> bytes:
+def read_nofollow(path: str) -> bytes:
+    """The whole file, refusing to follow a symlink at its last component."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         chunks = []
@@ -819,10 +826,10 @@ def _read(path: str) -> bytes:
 
 
 def _sha256_file(path: str) -> str:
-    return hashlib.sha256(_read(path)).hexdigest()
+    return hashlib.sha256(read_nofollow(path)).hexdigest()
 
 
-def _attr_problem(layout: _Layout, stats: Mapping[str, os.stat_result]) -> str | None:
+def _attr_problem(layout: Layout, stats: Mapping[str, os.stat_result]) -> str | None:
     for f in layout.files:
         st = stats[f.role]
         if not stat.S_ISREG(st.st_mode):
@@ -845,7 +852,7 @@ def _rotate_backups(path: str, keep: int) -> tuple[SecretBytes, tuple[int, int, 
     with contextlib.suppress(FileNotFoundError):
         st = os.lstat(oldest)
         dropped = (
-            SecretBytes(_read(oldest)),
+            SecretBytes(read_nofollow(oldest)),
             (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid),
         )
     for i in range(keep - 1, 0, -1):

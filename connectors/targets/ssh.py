@@ -114,13 +114,13 @@ def _schema(type_name: str, *, sds: bool = False) -> dict[str, Any]:
     base = dict(filet.FileTarget.config_schema)
     props = dict(base["properties"])
     props["type"] = {"const": type_name}
-    props["jks_path"] = filet._PATH_SCHEMA
-    props["jks_password"] = filet._SECRET_SCHEMA
+    props["jks_path"] = filet.PATH_SCHEMA
+    props["jks_password"] = filet.SECRET_SCHEMA
     props["jks_alias"] = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}
     props["keytool"] = {"type": "string", "minLength": 1, "maxLength": 4096}
     path_keys = [*filet.PATH_KEYS.values(), "jks_path"]
     if sds:
-        props["sds_path"] = filet._PATH_SCHEMA
+        props["sds_path"] = filet.PATH_SCHEMA
         props["sds_name"] = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}
         path_keys.append("sds_path")
     base["anyOf"] = [{"required": [k]} for k in path_keys]
@@ -145,7 +145,7 @@ def _schema(type_name: str, *, sds: bool = False) -> dict[str, Any]:
 
 @dataclass(slots=True)
 class _Op:
-    file: filet._File
+    file: filet.LayoutFile
     sha256: str
     size: int
     mtime_ns: int
@@ -165,7 +165,7 @@ class _Op:
 @dataclass
 class _Stage:
     host: HostIO
-    layout: filet._Layout
+    layout: filet.Layout
     ids: tuple[int, int]
     ops: list[_Op]
     new_dirs: list[str]
@@ -355,7 +355,7 @@ class ServiceTarget(Target):
             return rt.local
         return rt.pool.host(settings_for(placement.connection))
 
-    def _layout(self, placement: Placement) -> filet._Layout:
+    def _layout(self, placement: Placement) -> filet.Layout:
         remote = placement.host is not None
         base = "/" if remote else str(self.ctx.inventory_root)
         return _service_layout(placement.config, base)
@@ -563,7 +563,7 @@ class ServiceTarget(Target):
         expected = item.expected_fingerprint
         rec = item.record
         stats: dict[str, FileStat] = {}
-        missing: list[filet._File] = []
+        missing: list[filet.LayoutFile] = []
         for f in layout.files:
             s = await host.lstat(f.path)
             if s is None:
@@ -589,7 +589,7 @@ class ServiceTarget(Target):
             datas[leaf_role.role] = data = await host.read(leaf_role.path)
             cert = None
             if leaf_role.role == "pkcs12":
-                cert = filet._pkcs12_leaf(data, layout.password)
+                cert = filet.pkcs12_leaf(data, layout.password)
             else:
                 try:
                     cert = pki.load_cert_pem(data)
@@ -739,7 +739,7 @@ class CommandFailed(PermanentError):
         self.output = output
 
 
-async def _ensure_dir(host: HostIO, root: str, f: filet._File) -> list[str]:
+async def _ensure_dir(host: HostIO, root: str, f: filet.LayoutFile) -> list[str]:
     """Create the file's directory (0755); refuse symlinks at or below ``root``."""
     created: list[str] = []
     parts = f.dir.strip("/").split("/") if f.dir != "/" else []
@@ -773,10 +773,10 @@ async def _remove_stale(host: HostIO, dirpath: str, names: set[str]) -> None:
 
 async def _stage_file(
     host: HostIO,
-    f: filet._File,
-    layout: filet._Layout,
+    f: filet.LayoutFile,
+    layout: filet.Layout,
     ids: tuple[int, int],
-    contents: filet._Contents,
+    contents: filet.Contents,
 ) -> _Op:
     s = await host.lstat(f.path)
     if s is not None and not s.is_reg:
@@ -882,41 +882,41 @@ async def _cleanup_stage(st: _Stage) -> None:
 # ------------------------------------------------------------ jks and sds
 
 
-def _service_layout(config: Mapping[str, Any], base: str) -> filet._Layout:
+def _service_layout(config: Mapping[str, Any], base: str) -> filet.Layout:
     """The ``file`` layout plus the service-only files (``jks_path``, ``sds_path``),
     confined by the same code."""
     plain = {k: v for k, v in config.items() if k not in EXTRA_PATH_KEYS.values()}
     only_extra = not any(k in config for k in filet.PATH_KEYS.values())
     if only_extra:  # e.g. just a keystore: let the file layout resolve root and modes
         plain["cert_path"] = ".certctl-layout-probe"
-    layout = filet._layout(plain, base, None)
+    layout = filet.resolve_layout(plain, base, None)
     files = [f for f in layout.files if not only_extra]
     seen = {f.path for f in files}
-    mode = filet._mode(config.get("mode", filet.DEFAULT_MODE), "mode")
-    key_mode = filet._mode(config.get("key_mode", filet.DEFAULT_KEY_MODE), "key_mode")
+    mode = filet.parse_mode(config.get("mode", filet.DEFAULT_MODE), "mode")
+    key_mode = filet.parse_mode(config.get("key_mode", filet.DEFAULT_KEY_MODE), "key_mode")
     for role, key in EXTRA_PATH_KEYS.items():
         rel = config.get(key)
         if rel is None:
             continue
-        probe = filet._layout({"root": config.get("root"), "cert_path": rel}, base, None)
+        probe = filet.resolve_layout({"root": config.get("root"), "cert_path": rel}, base, None)
         f = probe.files[0]
         if f.path in seen:
             raise UnsafeValueError(f"{key} {rel!r} names a file another path key names")
         seen.add(f.path)
         files.append(
-            filet._File(role, key, rel, f.path, f.dir, f.name, key_mode if role == "jks" else mode)
+            filet.LayoutFile(
+                role, key, rel, f.path, f.dir, f.name, key_mode if role == "jks" else mode
+            )
         )
-    return filet._Layout(
+    return filet.Layout(
         layout.root, tuple(files), layout.uid, layout.gid, layout.backups, layout.password
     )
 
 
-class _ServiceContents(filet._Contents):
+class _ServiceContents(filet.Contents):
     """File contents, plus envoy's SDS secret file."""
 
-    def __init__(
-        self, material: Material, layout: filet._Layout, config: Mapping[str, Any]
-    ) -> None:
+    def __init__(self, material: Material, layout: filet.Layout, config: Mapping[str, Any]) -> None:
         super().__init__(material, layout.password)
         self.layout = layout
         self.config = config
@@ -927,7 +927,7 @@ class _ServiceContents(filet._Contents):
         return super().get(role)
 
 
-def sds_document(layout: filet._Layout, config: Mapping[str, Any], cert: str) -> bytes:
+def sds_document(layout: filet.Layout, config: Mapping[str, Any], cert: str) -> bytes:
     """An envoy SDS ``DiscoveryResponse`` file naming the deployed chain and key files
     (``.yaml``/``.yml``: YAML, else JSON). Envoy watches it (``path_config_source``)
     and reloads the certificate when certctl renames a new one in."""
@@ -975,8 +975,8 @@ async def _need_keytool(host: HostIO, config: Mapping[str, Any]) -> str:
 
 async def _stage_jks(
     host: HostIO,
-    f: filet._File,
-    layout: filet._Layout,
+    f: filet.LayoutFile,
+    layout: filet.Layout,
     ids: tuple[int, int],
     material: Material,
     config: Mapping[str, Any],
@@ -987,11 +987,11 @@ async def _stage_jks(
     uploaded to the usual temp with the key's mode and owner."""
     keytool = await _need_keytool(host, config)
     password = config.get("jks_password")
-    pw = filet._password(password)
+    pw = filet.password_bytes(password)
     if len(pw) < 6:
         raise UnsafeValueError("jks_password must be at least 6 characters (keytool's rule)")
     alias = str(config.get("jks_alias") or material.cert)
-    p12 = filet._Contents(material, password).pkcs12()
+    p12 = filet.Contents(material, password).pkcs12()
     prefix = f".{f.name}.certctl-work-"
     for n in await host.listdir(f.dir):  # a killed run's work directory
         if n.startswith(prefix):
@@ -1053,14 +1053,14 @@ async def _remove_work_dir(host: HostIO, work: str) -> None:
 # ------------------------------------------------------------ key custody
 
 
-def _key_file(layout: filet._Layout) -> filet._File:
+def _key_file(layout: filet.Layout) -> filet.LayoutFile:
     f = next((f for f in layout.files if f.role == "key"), None)
     if f is None:
         raise PermanentError("key custody 'target' needs key_path")
     return f
 
 
-def _pending_path(f: filet._File) -> str:
+def _pending_path(f: filet.LayoutFile) -> str:
     return f"{f.dir}/.{f.name}{PENDING_MARK}"
 
 
@@ -1120,7 +1120,7 @@ def _cert_public_key(material: Material) -> str:
 
 
 async def _stage_target_key(
-    host: HostIO, f: filet._File, material: Material, config: Mapping[str, Any]
+    host: HostIO, f: filet.LayoutFile, material: Material, config: Mapping[str, Any]
 ) -> _Op:
     """The key stays on the host: the live key if it already belongs to the
     certificate (rotation ``never``, or a redeploy), else the pending key

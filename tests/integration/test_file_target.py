@@ -454,7 +454,7 @@ def test_observe_match_uses_stat_only(tmp_path: Path, monkeypatch: pytest.Monkey
     def no_reads(path: str) -> bytes:
         raise AssertionError(f"read {path}")
 
-    monkeypatch.setattr(file_mod, "_read", no_reads)
+    monkeypatch.setattr(file_mod, "read_nofollow", no_reads)
     obs = observe(t, p, mats(1), rec)
     assert obs.state is TargetState.MATCH and obs.fingerprint == mats(1).fingerprint
 

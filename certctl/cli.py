@@ -247,8 +247,35 @@ def diff_cmd(ctx: click.Context, base_rev: str, head_rev: str, fmt: str) -> None
 @click.argument("planfile", required=False, type=click.Path(path_type=Path, exists=True))
 @click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--concurrency", default=25, show_default=True, type=click.IntRange(1, 10000))
+@click.option(
+    "--agent-wait",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    metavar="SECONDS",
+    help="Wait this long for agent-routed work to be deployed (0: hand it over and exit).",
+)
+@click.option(
+    "--via-workers",
+    is_flag=True,
+    help="PostgreSQL: queue one job per certificate for `certctl worker` processes and wait.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0),
+    default=None,
+    help="With --via-workers: stop waiting after this many seconds (exit 1; jobs stay queued).",
+)
 @click.pass_context
-def apply(ctx: click.Context, planfile: Path | None, auto_approve: bool, concurrency: int) -> None:
+def apply(
+    ctx: click.Context,
+    planfile: Path | None,
+    auto_approve: bool,
+    concurrency: int,
+    agent_wait: float,
+    via_workers: bool = False,
+    timeout: float | None = None,
+) -> None:
     """Carry out the plan (or a saved PLANFILE, refused if stale)."""
     eng = _engine(ctx)
     saved = None
@@ -259,11 +286,25 @@ def apply(ctx: click.Context, planfile: Path | None, auto_approve: bool, concurr
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise CertctlError(f"cannot read the plan file {planfile}: {reason}") from None
         saved = plan_from_json(text, str(planfile))
-    _run_apply(eng, saved, PlanOptions(), auto_approve or saved is not None, concurrency)
+    if via_workers:  # certctl.workers.client: PostgreSQL only, a clear error otherwise
+        from certctl.workers.client import apply_via_workers
+
+        apply_via_workers(eng, saved, auto_approve or saved is not None, timeout)
+        return
+    if timeout is not None:
+        raise click.UsageError("--timeout goes with --via-workers")
+    _run_apply(
+        eng, saved, PlanOptions(), auto_approve or saved is not None, concurrency, agent_wait
+    )
 
 
 def _run_apply(
-    eng: Engine, saved: Plan | None, options: PlanOptions, auto_approve: bool, concurrency: int
+    eng: Engine,
+    saved: Plan | None,
+    options: PlanOptions,
+    auto_approve: bool,
+    concurrency: int,
+    agent_wait: float = 0.0,
 ) -> None:
     def confirm(plan: Plan) -> bool:
         click.echo(render_text(plan), nl=False)
@@ -299,7 +340,12 @@ def _run_apply(
         return
     _print_report(plan, report)
     _print_publish_problems(eng.publish_problems)
-    if report.failed or eng.publish_problems:
+    agents_failed = False
+    if report.agent_jobs:
+        from certctl.agent.client_commands import follow_agent_jobs
+
+        agents_failed = follow_agent_jobs(eng, report.agent_jobs, agent_wait)
+    if report.failed or eng.publish_problems or agents_failed:
         sys.exit(1)
 
 
@@ -698,6 +744,14 @@ def db_upgrade(ctx: click.Context) -> None:
 @click.option("--ip-rate", default=20.0, show_default=True, help="Read API req/s per IP.")
 @click.option("--key-rate", default=50.0, show_default=True, help="Read API req/s per key.")
 @click.option("--burst", default=40, show_default=True, help="Burst allowance of both limits.")
+@click.option(
+    "--agent-offline-after",
+    default=90.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds of silence after which an agent is offline and its jobs re-queued (0: "
+    "leave the sweep to the daemon).",
+)
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -708,9 +762,11 @@ def serve(
     ip_rate: float,
     key_rate: float,
     burst: int,
+    agent_offline_after: float,
 ) -> None:
     """Serve CRL and OCSP of local-CA issuers, /healthz, /readyz, /metrics and the
     read API (/api/v1/..., API key required) until SIGINT/SIGTERM."""
+    from certctl.agent.service import AgentServerSettings
     from certctl.server.app import ServerSettings, run
     from certctl.server.build import build_app
 
@@ -726,7 +782,11 @@ def serve(
         key_rate=key_rate,
         key_burst=burst,
     )
-    app, issuers = build_app(_engine(ctx), settings)
+    agents = AgentServerSettings(
+        offline_after=agent_offline_after,
+        sweep_interval=max(0.5, min(15.0, agent_offline_after / 3)),
+    )
+    app, issuers = build_app(_engine(ctx), settings, agents)
     scheme = "https" if tls_cert else "http"
     served = ", ".join(issuers) or "none"
     click.echo(f"certctl serve on {scheme}://{host}:{port} (CRL/OCSP for: {served})", err=True)
@@ -769,15 +829,27 @@ def apikey_delete(ctx: click.Context, name: str) -> None:
     click.echo(f"Deleted API key {name!r}.")
 
 
-def _add_daemon_commands() -> None:
-    """``drift``, ``daemon`` and ``hooks`` live in :mod:`certctl.daemon.commands`."""
-    from certctl.daemon.commands import COMMANDS
+# Commands that live with their feature; each module exports ``COMMANDS``.
+_COMMAND_MODULES = (
+    "certctl.daemon.commands",  # drift, daemon, hooks
+    "certctl.playbook.commands",  # run
+    "certctl.discovery.commands",  # discover, discovered
+    "certctl.adopt.commands",  # adopt, import
+    "certctl.workers.commands",  # worker
+    "certctl.agent.admin_commands",  # agents, agent-token
+    "certctl.agent.client_commands",  # agent
+)
 
-    for command in COMMANDS:
-        cli.add_command(command)
+
+def _add_feature_commands() -> None:
+    import importlib
+
+    for module in _COMMAND_MODULES:
+        for command in importlib.import_module(module).COMMANDS:
+            cli.add_command(command)
 
 
-_add_daemon_commands()
+_add_feature_commands()
 
 
 def main() -> None:

@@ -141,7 +141,22 @@ class Engine:
         inv = self.inventory()
         snap = self.store().snapshot()
         windows = observe_renewal_windows(inv, snap, self.issuer, self.get_registry())
-        return Observed(snap, observe_targets(inv, snap, self.target), windows)
+        return Observed(
+            snap, observe_targets(inv, snap, self.target), windows, self._open_agent_jobs(inv)
+        )
+
+    def _open_agent_jobs(
+        self, inv: Inventory
+    ) -> dict[tuple[str, str], tuple[str, str, str | None, str]]:
+        """Open agent jobs of the agent-routed placements (one query; none without)."""
+        if not any(p.agent is not None for c in inv.certificates.values() for p in c.placements):
+            return {}
+        from certctl.agent.protocol import OPEN_STATES
+
+        out: dict[tuple[str, str], tuple[str, str, str | None, str]] = {}
+        for job in self.store().agent_jobs(states=OPEN_STATES):  # oldest first: newest wins
+            out[(job.certificate, job.placement)] = (job.id, job.state, job.agent, job.spec_digest)
+        return out
 
     def plan(self, options: PlanOptions = PlanOptions()) -> tuple[Plan, Observed]:
         observed = self.observe()

@@ -213,6 +213,8 @@ class Host:
     address: str | None = None
     vars: Mapping[str, Any] = field(default_factory=dict, compare=False)
     location: Location = NO_LOCATION
+    #: Reached through a pull-mode agent: ``{"name": N}`` or ``{"labels": {..}, "os": O}``.
+    agent: Mapping[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,9 @@ class Placement:
     host: str | None = None
     config: Mapping[str, Any] = field(default_factory=dict, compare=False)
     connection: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: Agent-routed (``agent:`` on the target or its host): the selector of the agents
+    #: that deploy it, ``{"name": N}`` or ``{"labels": {..}, "os": O|None}``; no SSH.
+    agent: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def id(self) -> str:
@@ -410,12 +415,19 @@ class Observed:
     #: The CA's suggested renewal window (RFC 9773 ARI) for a certificate's current
     #: version, by certificate name (only where the issuer offers one).
     renewal_windows: Mapping[str, tuple[datetime, datetime]] = field(default_factory=dict)
+    #: Open agent jobs by (certificate, placement id): ``(job id, state, agent, spec
+    #: digest)`` (state queued | leased | issued | failed); the plan waits on them.
+    agent_jobs: Mapping[tuple[str, str], tuple[str, str, str | None, str]] = field(
+        default_factory=dict
+    )
 
     def digest(self) -> str:
         obs = sorted(
             (k[0], k[1], v.state.value, v.fingerprint or "") for k, v in self.targets.items()
         )
         doc: dict[str, Any] = {"generation": self.state.generation, "targets": obs}
+        if self.agent_jobs:
+            doc["agent_jobs"] = sorted((k[0], k[1], v[0]) for k, v in self.agent_jobs.items())
         if self.renewal_windows:
             doc["renewal_windows"] = sorted(
                 (k, s.isoformat(), e.isoformat()) for k, (s, e) in self.renewal_windows.items()

@@ -9,11 +9,15 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 [[ -x /usr/bin/pebble && -x /usr/bin/pebble-challtestsrv ]] || need+=(pebble)
 # ACME dns-01 over RFC 2136 + TSIG: a real BIND 9 named (Debian "bind9", "bind9-utils").
 [[ -x /usr/sbin/named ]] || need+=(bind9 bind9-utils)
+# certctl import certbot: a real certbot directory made by Debian's certbot against Pebble.
+[[ -x /usr/bin/certbot ]] || need+=(certbot)
 # SSH/service targets: the tests start their own sshd, nginx and haproxy on loopback.
 [[ -x /usr/sbin/sshd ]] || need+=(openssh-server)
 [[ -x /usr/sbin/nginx ]] || need+=(nginx)
 [[ -x /usr/sbin/haproxy ]] || need+=(haproxy)
 [[ -x /usr/bin/sudo ]] || need+=(sudo)
+# JKS keystores (ssh target's JKS output, discovery tests): the JDK's keytool.
+[[ -x /usr/bin/keytool ]] || need+=(default-jre-headless)
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
   need+=(postgresql)
 fi

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -78,6 +79,9 @@ class ApplySettings:
     backoff_base_s: int = 3600  # across runs: 1h * 2^(n-1)
     backoff_cap_s: int = 32 * 3600
     resume_max_age_s: int = 24 * 3600  # an older open issue intent is started afresh
+    #: Set (from another thread, e.g. a signal handler) to stop between certificates:
+    #: the certificates in flight finish, the rest are left for the next run.
+    stop: threading.Event | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -92,6 +96,10 @@ class ApplyReport:
     run_id: int
     results: list[ActionResult] = field(default_factory=list)
     transactions: int = 0
+    #: Certificates not started because the run was asked to stop (ApplySettings.stop).
+    stopped: int = 0
+    #: Agent-routed work handed to agents: (certificate, placement id, job id).
+    agent_jobs: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def failed(self) -> list[ActionResult]:
@@ -132,6 +140,7 @@ class Executor:
         holder: str = "certctl",
         on_progress: Callable[[int, int], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        scope: frozenset[str] | None = None,
     ) -> None:
         self.inv = inventory
         self.snapshot = snapshot
@@ -153,6 +162,9 @@ class Executor:
         self._used_targets: dict[str, Target] = {}  # closed at the end of run()
         self._materials: dict[tuple[str, int], tuple[bytes, bytes, SecretBytes | None]] = {}
         self.faults = Failpoints()
+        #: Certificates this run may recover journal intents of (None: all). A worker
+        #: runs beside other workers and only touches the certificates it leased.
+        self.scope = scope
 
     # ------------------------------------------------------------------ run
     async def run(self, plan: Plan) -> ApplyReport:
@@ -169,6 +181,10 @@ class Executor:
             await self._finish_open_revokes(report)
             groups = _group_by_cert(plan.actions)
             self._total = len(plan.actions)
+            routed = [g for g in groups if self._agent_routed(g)]
+            if routed:
+                groups = [g for g in groups if not self._agent_routed(g)]
+                await self._enqueue_agent_jobs(routed, report)
             queue: asyncio.Queue[list[Action]] = asyncio.Queue()
             for g in groups:
                 queue.put_nowait(g)
@@ -191,7 +207,7 @@ class Executor:
                     ]
                 )
             )
-            status = "ok" if not report.failed else "failed"
+            status = "failed" if report.failed else "stopped" if report.stopped else "ok"
         finally:
             for used in self._used_targets.values():
                 try:
@@ -200,6 +216,8 @@ class Executor:
                     log.debug("closing a target failed", exc_info=True)
             report.transactions = self.writer.transactions
             summary = {"done": report.done_counts(), "failed": len(report.failed)}
+            if report.stopped:
+                summary["stopped"] = report.stopped
             await asyncio.to_thread(self.store.finish_run, self.run_id, status, summary)
         return report
 
@@ -215,6 +233,8 @@ class Executor:
         * Deploy intents are closed; deploys are re-planned from what targets hold.
         """
         intents = await asyncio.to_thread(self.store.open_intents)
+        if self.scope is not None:
+            intents = [it for it in intents if it.cert in self.scope]
         planned_issue = {
             a.cert for a in plan.actions if a.kind in (ActionKind.ISSUE, ActionKind.RENEW)
         }
@@ -290,11 +310,15 @@ class Executor:
                 report.results.append(ActionResult(action, False, error_text(exc)))
 
     async def _worker(self, queue: asyncio.Queue[list[Action]], report: ApplyReport) -> None:
+        stop = self.settings.stop
         while True:
             try:
                 group = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
+            if stop is not None and stop.is_set():
+                report.stopped += 1  # not started: the next run plans it again
+                continue
             await self._run_group(group, report)
 
     def _progress(self, n: int = 1) -> None:
@@ -380,6 +404,50 @@ class Executor:
                 ]
             )
         )
+
+    # ------------------------------------------------------------------ agents
+    def _agent_routed(self, group: list[Action]) -> bool:
+        cert = self.inv.certificates.get(group[0].cert)
+        return (
+            cert is not None
+            and any(p.agent is not None for p in cert.placements)
+            and any(a.kind in _AGENT_KINDS for a in group)
+        )
+
+    async def _enqueue_agent_jobs(self, groups: list[list[Action]], report: ApplyReport) -> None:
+        """Agent-routed certificates: the agent makes the key, the server issues for
+        its CSR and records the version and the deployment. Here: one job per
+        placement, enqueued in one transaction (idempotent per spec), and audited."""
+        from certctl.agent import client_routing as routing
+        from certctl.agent.protocol import AgentJobSpec
+
+        specs: list[AgentJobSpec] = []
+        for group in groups:
+            cert = self.inv.certificates[group[0].cert]
+            specs.extend(routing.job_spec(cert, p) for p in cert.placements if p.agent)
+        try:
+            ids = await asyncio.to_thread(self.store.enqueue_agent_jobs, specs)
+        except Exception as exc:
+            msg = f"enqueuing agent jobs failed: {error_text(exc)}"
+            for group in groups:
+                report.results.extend(ActionResult(a, False, msg) for a in group)
+                self._progress(len(group))
+            return
+        audit = []
+        for spec, job_id in zip(specs, ids, strict=True):
+            report.agent_jobs.append((spec.certificate, spec.placement, job_id))
+            audit.append(
+                AuditEvent(
+                    "agent.enqueue",
+                    cert=spec.certificate,
+                    placement=spec.placement,
+                    run_id=self.run_id,
+                    detail={"job": job_id, "selector": dict(spec.selector)},
+                )
+            )
+        await self.writer.write(Batch(audit=audit))
+        for group in groups:
+            self._progress(len(group))
 
     # ------------------------------------------------------------------ issue
     async def _issue(self, action: Action, placements: list[str]) -> Material:
@@ -885,6 +953,9 @@ def _verification(staged: Staged, ok: bool, start: float) -> dict[str, Any]:
     says it checked (e.g. the endpoint it probed)."""
     ms = max(0, round((time.monotonic() - start) * 1000))
     return {"ok": ok, "ms": ms, **staged.verify_detail}
+
+
+_AGENT_KINDS = (ActionKind.ISSUE, ActionKind.RENEW, ActionKind.DEPLOY)
 
 
 def _group_by_cert(actions: tuple[Action, ...]) -> list[list[Action]]:

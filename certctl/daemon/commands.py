@@ -79,6 +79,7 @@ async def _run(daemon: Daemon, once: bool) -> Scheduler:
             _say(f"{name} again: exiting now; the journal lets the next run resume")
             os._exit(143)
         _say(f"{name}: stopping once the tick in flight has finished")
+        daemon.stopping.set()  # an apply in flight stops between certificates
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -127,6 +128,13 @@ async def _run(daemon: Daemon, once: bool) -> Scheduler:
     type=click.FloatRange(0.0, 600),
     help="Seconds of quiet after a change before re-planning.",
 )
+@click.option(
+    "--agent-offline-after",
+    default=90.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds of silence after which an agent is offline, its jobs re-queued (0: off).",
+)
 @click.pass_context
 def daemon_cmd(
     ctx: click.Context,
@@ -144,12 +152,15 @@ def daemon_cmd(
     watch: bool,
     watch_apply: bool,
     watch_debounce: float,
+    agent_offline_after: float,
 ) -> None:
     """Reconcile continuously: apply due work, probe for drift and keep CRLs fresh,
     each loop on its own interval (±10% jitter). SIGTERM/SIGINT stop it once the tick
-    in flight has finished. With --git, -i names the daemon's directory: state in
-    .certctl/ there, the branch fetched into .certctl/git/, and each new commit
-    checked (a broken one is reported, not applied) and applied."""
+    in flight has finished (an apply stops between certificates: those in flight
+    finish, the rest wait for the next run; a second signal exits at once). With
+    --git, -i names the daemon's directory: state in .certctl/ there, the branch
+    fetched into .certctl/git/, and each new commit checked (a broken one is
+    reported, not applied) and applied."""
     eng = _engine(ctx)
     config = DaemonConfig(
         inventory_path=eng.inventory_path,
@@ -167,6 +178,8 @@ def daemon_cmd(
         watch=watch or watch_apply,
         watch_apply=watch_apply,
         watch_debounce=watch_debounce,
+        agent_offline_after=agent_offline_after,
+        interval_agents=max(0.5, min(15.0, agent_offline_after / 3)),
     )
     if git_url is not None and config.watch:
         raise click.UsageError("--watch follows local files; with --git the branch is the source")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,9 @@ class DaemonConfig:
     watch: bool = False  # re-plan when inventory files change
     watch_apply: bool = False  # ... and apply
     watch_debounce: float = 1.0
+    #: Agents silent this long (s) are marked offline, their jobs re-queued (0: off).
+    agent_offline_after: float = 90.0
+    interval_agents: float = 15.0
 
 
 @dataclass
@@ -71,6 +75,8 @@ class Daemon:
     _drifted: frozenset[str] | None = None
     _reported: set[str] = field(default_factory=set)
     _last_drift: drift.DriftReport | None = None
+    #: Set on SIGTERM: an apply in flight stops between certificates.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -103,6 +109,8 @@ class Daemon:
             Loop("housekeeping", c.interval_housekeeping, self.housekeeping_tick),
             Loop("notify", c.interval_notify, self.notify_tick),
         ]
+        if c.agent_offline_after > 0:
+            out.append(Loop("agents", c.interval_agents, self.agents_tick))
         if c.watch:  # only runs when the inventory watch triggers it
             out.append(Loop("watch", WATCH_INTERVAL, self.watch_tick, initial=False))
         return out
@@ -126,9 +134,8 @@ class Daemon:
     # ------------------------------------------------------------ apply
     def _apply(self, eng: Engine) -> tuple[int | None, int]:
         """Apply what is due: (run id or None when there was nothing to do, failures)."""
-        _, report = eng.apply(
-            settings=ApplySettings(concurrency=self.config.concurrency), holder=self.holder
-        )
+        settings = ApplySettings(concurrency=self.config.concurrency, stop=self.stopping)
+        _, report = eng.apply(settings=settings, holder=self.holder)
         if report is None:
             return None, 0
         done = report.done_counts()
@@ -137,6 +144,11 @@ class Daemon:
             f"{done['deploy']} deployed, {done['revoke']} revoked, {done['retire']} retired; "
             f"{len(report.failed)} failed"
         )
+        if report.stopped:
+            self.say(
+                f"apply: stopped early: {report.stopped} certificate(s) not started, "
+                "left for the next run"
+            )
         for r in report.failed:
             a = r.action
             where = f" -> {a.placement}" if a.placement else ""
@@ -241,6 +253,28 @@ class Daemon:
                 )
             )
         return out
+
+    # ------------------------------------------------------------ agents
+    def agents_tick(self) -> None:
+        """The offline sweep (see :mod:`certctl.agent.sweep`): agents silent longer
+        than ``agent_offline_after`` go offline, their jobs back to the queue, and a
+        notification goes out."""
+        from datetime import timedelta
+
+        from certctl.agent import sweep
+
+        eng = self.engine()
+        if eng is None:
+            return
+        try:
+            after = timedelta(seconds=self.config.agent_offline_after)
+            report = sweep.sweep(eng, eng.clock(), after)
+            for a in report.offline:
+                self.say(f"agents: {a.name} is offline (silent for more than {after})")
+            if report.requeued:
+                self.say(f"agents: {report.requeued} job(s) re-queued")
+        finally:
+            eng.close()
 
     # ------------------------------------------------------------ housekeeping
     def housekeeping_tick(self) -> None:

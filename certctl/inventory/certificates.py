@@ -26,8 +26,10 @@ problem locations are only computed when there is a problem.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
+from certctl.agent.protocol import VERSION_CUSTODY
 from certctl.inventory.context import LoadContext
 from certctl.inventory.kinds import TargetSpec, Topology
 from certctl.inventory.names import MAX_COMMON_NAME, name_problem
@@ -79,6 +81,7 @@ class _Builder:
             for name, h in hosts.items()
         }
         self.host_vars = topology.host_vars
+        self.host_agents = {name: h.agent for name, h in hosts.items() if h.agent is not None}
         self._durations: dict[Any, tuple[int | None, str | None]] = {}
         self._windows: dict[Any, tuple[RenewBefore | None, str | None]] = {}
         self._keys: dict[tuple[Any, ...], tuple[KeySpec, list[tuple[str, str]]]] = {}
@@ -253,7 +256,10 @@ class _Builder:
         if not names_ok:
             return None
         placements = self._placements(name, targets, cert_ctx)
-        if placements is not None and spec.custody == "target":
+        if placements is not None and any(p.agent is not None for p in placements):
+            ok = self._check_agent_routed(name, placements, site) and ok
+            spec = replace(spec, custody=VERSION_CUSTODY)  # the agent makes and keeps the key
+        elif placements is not None and spec.custody == "target":
             ok = self._check_target_custody(name, placements, site) and ok
         if placements is None or not ok or ttl_s is None:
             return None
@@ -276,6 +282,21 @@ class _Builder:
             revoke_reason=str(c.get("revoke_reason", "unspecified")),
             location=site.location(at_key=True),
         )
+
+    def _check_agent_routed(self, name: str, placements: tuple[Placement, ...], site: Site) -> bool:
+        """An agent-routed certificate has its key made on the agent (like key custody
+        ``target``), so it must have exactly one placement."""
+        if len(placements) != 1:
+            routed = [p.id for p in placements if p.agent is not None]
+            self.ctx.problems.at(
+                site,
+                f"certificate {quote(name)} is deployed through an agent ({', '.join(routed)}),"
+                f" which makes and keeps its key, so it needs exactly one placement, but it has"
+                f" {len(placements)}; use one certificate per agent-routed placement",
+                at_key=True,
+            )
+            return False
+        return True
 
     def _check_target_custody(
         self, name: str, placements: tuple[Placement, ...], site: Site
@@ -361,15 +382,28 @@ class _Builder:
                         ok = False
                         continue
                     config = rendered
+                agent: Mapping[str, Any] | None = spec.agent
+                if agent is None and host is not None:
+                    agent = self.host_agents.get(host)
                 placement = Placement(
                     tname,
                     spec.definition.type,
                     host,
                     config,
                     self.host_ctx[host] if host is not None else {},
+                    agent=agent,
                 )
+                if agent is not None and (bad_root := _agent_root_problem(config)):
+                    at = spec.site.sub("root") if "root" in spec.config else spec.site
+                    self.ctx.problems.at(at, f"{bad_root} (for certificate {quote(cert)})")
+                    ok = False
+                    continue
                 try:
-                    messages = list(spec.cls.check_placement(placement, root))
+                    if agent is not None:  # checked as the agent deploys it: locally
+                        local = Placement(tname, spec.definition.type, None, config, {})
+                        messages = list(spec.cls.check_placement(local, root))
+                    else:
+                        messages = list(spec.cls.check_placement(placement, root))
                 except Exception as exc:  # a connector bug must not become a traceback
                     messages = [f"check_placement failed: {type(exc).__name__}: {exc}"]
                 for message in messages:
@@ -383,6 +417,18 @@ class _Builder:
                     ok = False
                 out.append(placement)
         return tuple(out) if ok else None
+
+
+def _agent_root_problem(config: Mapping[str, Any]) -> str | None:
+    """A placement an agent deploys names its files by an absolute ``root`` (a relative
+    one would mean the agent's own working directory)."""
+    root = config.get("root")
+    has_paths = any(str(k).endswith("_path") for k in config)
+    if root is None and has_paths:
+        return "a target reached through an agent needs an absolute 'root'"
+    if root is not None and not (isinstance(root, str) and root.startswith("/")):
+        return f"root {str(root)[:60]!r} must be an absolute path on the agent's host"
+    return None
 
 
 def build_certificates(

@@ -154,7 +154,13 @@ def build_hosts(ctx: LoadContext) -> dict[str, Host]:
             problem = name_problem(address, allow_wildcard=False)
             if problem:
                 ctx.problems.at(entry.site.sub("address"), problem.replace("name", "address", 1))
-        out[entry.name] = Host(entry.name, address, plain(v.get("vars") or {}), entry.location)
+        out[entry.name] = Host(
+            entry.name,
+            address,
+            plain(v.get("vars") or {}),
+            entry.location,
+            agent=agent_selector(v.get("agent")),
+        )
     for name in ctx.kind("hosts"):
         if name in ctx.kind("groups"):
             ctx.problems.at(
@@ -255,6 +261,19 @@ class TargetSpec:
     templated: bool
     site: Site
     local: bool
+    #: ``agent:`` on the target (wins over its hosts' own), as a selector.
+    agent: dict[str, Any] | None = None
+
+
+def agent_selector(value: Any) -> dict[str, Any] | None:
+    """An ``agent:`` value as the protocol's selector: ``{"name": N}`` or
+    ``{"labels": {..}, "os": O|None}`` (None when not set)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return {"name": value}
+    v = plain(value)
+    return {"labels": dict(v.get("labels") or {}), "os": v.get("os")}
 
 
 def build_targets(
@@ -278,6 +297,7 @@ def build_targets(
             contains_template(secret_config),
             entry.site,
             local=refs is None,
+            agent=agent_selector(entry.value.get("agent")),
         )
     return out
 

@@ -26,6 +26,8 @@ def observe_targets(
         if rec is None or rec.current is None or rec.retired:
             continue
         for p in cert.placements:
+            if p.agent is not None:  # deployed by an agent: not reachable from here
+                continue
             by_target.setdefault(p.target, []).append(
                 ObserveItem(
                     placement=p,

@@ -17,7 +17,9 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
+from certctl.agent import client_routing as routing
 from certctl.model import (
     Action,
     ActionKind,
@@ -26,6 +28,7 @@ from certctl.model import (
     DeploymentRecord,
     Inventory,
     Observed,
+    Placement,
     Plan,
     Profile,
     Reason,
@@ -42,6 +45,9 @@ JITTER_FRACTION = 0.1
 MAX_WINDOW = 0.95
 
 DEFAULT_PROFILE = Profile(name="default")
+#: Key custody of a version adopted without its private key (``certctl adopt``): it is
+#: tracked and renewed (with a new key) in its renewal window, but never deployed.
+OBSERVED_CUSTODY = "observed"
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,11 @@ def _plan_certificate(
             ]
         return []
 
+    waiting = _agent_waiting(cert, observed)
+    if waiting is not None:  # an agent has the work in hand: no second job
+        skipped[cert.name] = waiting
+        return []
+
     profile = profile_for(inv, cert)
     window = observed.renewal_windows.get(cert.name)
     issue_reasons = list(_issue_reasons(cert, profile, record, current, now, options, window))
@@ -198,6 +209,8 @@ def _plan_certificate(
         if cert.key.custody == "target" and cert.placements:
             details["key_custody"] = "target"  # the key is made on (and stays on) the host
             details["key_on"] = cert.placements[0].id
+            if cert.placements[0].agent is not None:
+                details["via_agent"] = describe_agent(cert.placements[0].agent)
         if current is not None:
             details.update(
                 previous_version=current.version,
@@ -212,12 +225,16 @@ def _plan_certificate(
                     cert.name,
                     (R.reason(R.NEW_VERSION),),
                     placement=p.id,
-                    details={"target": p.target, "host": p.host, "after": kind.value},
+                    details=_agent_details(
+                        p, {"target": p.target, "host": p.host, "after": kind.value}
+                    ),
                 )
             )
         return out
 
     assert current is not None
+    if current.key_custody == OBSERVED_CUSTODY:
+        return []  # adopted without its key (observe only): nothing to deploy until renewal
     out = []
     for p in cert.placements:
         why = _deploy_reason(cert.name, p.id, current, observed)
@@ -228,10 +245,43 @@ def _plan_certificate(
                     cert.name,
                     (why,),
                     placement=p.id,
-                    details={"target": p.target, "host": p.host, "version": current.version},
+                    details=_agent_details(
+                        p, {"target": p.target, "host": p.host, "version": current.version}
+                    ),
                 )
             )
     return out
+
+
+def describe_agent(selector: Mapping[str, Any]) -> str:
+    """``agent NAME`` or ``agents matching labels k=v os O`` (plans, messages)."""
+    if "name" in selector:
+        return f"agent {selector['name']}"
+    parts = [f"{k}={v}" for k, v in sorted((selector.get("labels") or {}).items())]
+    text = "agents matching " + (("labels " + ",".join(parts)) if parts else "any labels")
+    if selector.get("os"):
+        text += f" os {selector['os']}"
+    return text
+
+
+def _agent_details(p: Placement, details: dict[str, Any]) -> dict[str, Any]:
+    if p.agent is not None:
+        details["via_agent"] = describe_agent(p.agent)
+        details["agent"] = dict(p.agent)
+    return details
+
+
+def _agent_waiting(cert: Certificate, observed: Observed) -> str | None:
+    """Why an agent-routed certificate waits: an open job for its placement."""
+    for p in cert.placements:
+        if p.agent is None:
+            continue
+        job = observed.agent_jobs.get((cert.name, p.id))
+        if job is not None and job[3] == routing.job_spec(cert, p).digest():
+            job_id, state, agent, _ = job
+            who = f"agent {agent}" if agent else describe_agent(p.agent)
+            return f"waiting on {who}: job {job_id[:12]} for {p.id} is {state}"
+    return None
 
 
 def _issue_reasons(
@@ -250,7 +300,7 @@ def _issue_reasons(
         yield R.reason(R.CURRENT_REVOKED, serial=current.serial)
     if current.issuer != cert.issuer:
         yield R.reason(R.ISSUER_CHANGED, old=current.issuer, new=cert.issuer)
-    if current.key_custody != cert.key.custody:  # the key must move: a new one
+    if current.key_custody not in (cert.key.custody, OBSERVED_CUSTODY):  # a new key
         yield R.reason(
             R.KEY_CHANGED,
             old=f"{current.key_spec} (custody {current.key_custody})",

@@ -35,8 +35,11 @@ LEGEND = (
 
 
 def _target_label(a: Action) -> str:
+    via = a.details.get("via_agent")
     if a.placement:
-        return f" -> {a.placement}"
+        return f" -> {a.placement}" + (f" via {via}" if via else "")
+    if via:
+        return f" (key made on {a.details.get('key_on')} by {via})"
     if a.details.get("key_custody") == "target":
         return f" (key made on {a.details.get('key_on')})"
     return ""
@@ -148,9 +151,10 @@ def render_markdown(plan: Plan, *, title: str = "certctl plan") -> str:
         out.append("| certificate | target | reasons |")
         out.append("|---|---|---|")
         for a in acts:
-            out.append(
-                f"| `{_md(a.cert)}` | {_md(a.placement or '')} | {_md(_reasons_text(a.reasons))} |"
-            )
+            where = a.placement or ""
+            if a.details.get("via_agent"):
+                where = f"{where} via {a.details['via_agent']}".strip()
+            out.append(f"| `{_md(a.cert)}` | {_md(where)} | {_md(_reasons_text(a.reasons))} |")
         out.append("")
         out.append("</details>")
         out.append("")

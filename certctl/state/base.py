@@ -22,6 +22,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from certctl.agent.protocol import (
+    AgentJobRecord,
+    AgentJobSpec,
+    AgentRecord,
+    AgentTokenRecord,
+)
+from certctl.discovery.model import Finding
 from certctl.model import (
     DeploymentRecord,
     SecretBytes,
@@ -357,3 +364,157 @@ class StateStore(abc.ABC):
         self, *, status: str | None = None, limit: int = 1000
     ) -> list[NotificationRecord]:
         """Notifications, newest first (optionally of one status)."""
+
+    # --- discovery findings (migration 0004; certctl.discovery) ----------
+    @abc.abstractmethod
+    def record_findings(self, findings: Sequence[Finding]) -> int:
+        """Upsert findings keyed by (source, host, location, sni, fingerprint), in one
+        transaction; a finding seen again gets its fields and ``seen_at`` updated.
+        Returns how many findings were written."""
+
+    @abc.abstractmethod
+    def list_findings(
+        self,
+        *,
+        source: str | None = None,
+        host: str | None = None,
+        fingerprint: str | None = None,
+    ) -> list[Finding]:
+        """Recorded findings (optionally of one source, host or leaf fingerprint),
+        ordered by source, host, location, sni."""
+
+    @abc.abstractmethod
+    def issued_fingerprints(self, fingerprints: Sequence[str]) -> set[str]:
+        """Those of ``fingerprints`` that are a version certctl recorded (batched)."""
+
+    @abc.abstractmethod
+    def issuer_chains(self) -> list[tuple[str, bytes]]:
+        """Every distinct (issuer name, chain PEM) of the recorded versions: the CA
+        certificates each inventory issuer has signed with."""
+
+    # --- pull-mode agents (migration 0006; certctl.state.agents) ----------
+    @abc.abstractmethod
+    def agent_generations(self) -> tuple[int, int]:
+        """(jobs_generation, agents_generation): bumped when agent work becomes
+        available, and when an agent is revoked or deleted (one tiny query)."""
+
+    @abc.abstractmethod
+    def enqueue_agent_jobs(self, jobs: Sequence[AgentJobSpec]) -> list[str]:
+        """Enqueue agent jobs in one transaction; an identical open job (same
+        certificate, placement and spec digest) is kept and its id returned; an open job
+        of the same placement with another digest is superseded. Ids in order given."""
+
+    @abc.abstractmethod
+    def agent_jobs(
+        self,
+        *,
+        certificate: str | None = None,
+        states: Sequence[str] | None = None,
+        agent: str | None = None,
+    ) -> list[AgentJobRecord]:
+        """Agent jobs, oldest first (optionally of one certificate, states, agent)."""
+
+    @abc.abstractmethod
+    def agent_job(self, job_id: str) -> AgentJobRecord | None: ...
+
+    @abc.abstractmethod
+    def claimable_agent_jobs(self, now: datetime, limit: int = 1000) -> list[AgentJobRecord]:
+        """Jobs an agent could lease now (queued, due again, or lease run out)."""
+
+    @abc.abstractmethod
+    def lease_agent_job(
+        self, job_id: str, agent: str, now: datetime, until: datetime
+    ) -> AgentJobRecord | None:
+        """Lease (or renew) a job to ``agent``; None when another agent won it."""
+
+    @abc.abstractmethod
+    def renew_agent_job(self, job_id: str, agent: str, until: datetime) -> bool: ...
+
+    @abc.abstractmethod
+    def renew_agent_leases(self, agents: Sequence[str], until: datetime) -> int:
+        """Extend the leases of the jobs these agents hold (batched)."""
+
+    @abc.abstractmethod
+    def journal_agent_csr(
+        self, job_id: str, agent: str, public_key: str, payload: Mapping[str, Any], until: datetime
+    ) -> bool:
+        """Journal the CSR's key and the issuer payload before issuing."""
+
+    @abc.abstractmethod
+    def mark_agent_job_issued(
+        self, job_id: str, agent: str, version: int, until: datetime
+    ) -> bool: ...
+
+    @abc.abstractmethod
+    def finish_agent_job(
+        self,
+        job_id: str,
+        agent: str,
+        *,
+        state: str,
+        detail: str,
+        fingerprint: str | None = None,
+        attempts: int | None = None,
+        next_attempt_at: datetime | None = None,
+        restart: bool = False,
+    ) -> bool:
+        """Close (deployed, dead) or re-queue (failed) a job ``agent`` holds."""
+
+    @abc.abstractmethod
+    def create_agent_token(
+        self, name: str, token_hash: str, *, expires_at: datetime | None, uses: int | None
+    ) -> None:
+        """Record a bootstrap token (its SHA-256 hex); StateError if the name is taken."""
+
+    @abc.abstractmethod
+    def agent_tokens(self) -> list[AgentTokenRecord]: ...
+
+    @abc.abstractmethod
+    def revoke_agent_token(self, name: str) -> bool: ...
+
+    @abc.abstractmethod
+    def consume_agent_token(self, name: str, now: datetime) -> bool:
+        """Count one use of a live token; False when revoked, expired or used up."""
+
+    @abc.abstractmethod
+    def refund_agent_token(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def enroll_agent(
+        self,
+        name: str,
+        public_key: str,
+        labels: Mapping[str, str],
+        facts: Mapping[str, str],
+        *,
+        token: str,
+        now: datetime,
+    ) -> tuple[AgentRecord, bool]:
+        """Record an agent (or return the same-key one of that name): (record, created)."""
+
+    @abc.abstractmethod
+    def agents(self, *, status: str | None = None) -> list[AgentRecord]: ...
+
+    @abc.abstractmethod
+    def agent(self, name: str) -> AgentRecord | None: ...
+
+    @abc.abstractmethod
+    def agent_by_id(self, agent_id: str) -> AgentRecord | None: ...
+
+    @abc.abstractmethod
+    def record_heartbeats(
+        self, beats: Sequence[tuple[str, datetime, Mapping[str, str] | None]]
+    ) -> int:
+        """(agent id, seen at, facts or None) of many agents in one statement."""
+
+    @abc.abstractmethod
+    def revoke_agent(self, name: str, now: datetime) -> bool: ...
+
+    @abc.abstractmethod
+    def delete_agent(self, name: str, now: datetime) -> bool: ...
+
+    @abc.abstractmethod
+    def sweep_offline_agents(
+        self, cutoff: datetime, now: datetime
+    ) -> tuple[list[AgentRecord], int]:
+        """Mark agents silent since ``cutoff`` offline and re-queue their jobs."""

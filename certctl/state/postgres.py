@@ -33,7 +33,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from certctl.errors import LockedError, StateError
 from certctl.model import SecretBytes, StateSnapshot
-from certctl.state import common, crypto
+from certctl.state import agents, common, crypto, findings
 from certctl.state.base import Batch, StoredIntent
 
 _ts = common.ts_native
@@ -147,7 +147,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-class PostgresStore(common.ServerReads, common.BaseStore):
+class PostgresStore(
+    agents.AgentStore, findings.FindingsStore, common.ServerReads, common.BaseStore
+):
     """State in a PostgreSQL database. See the module docstring."""
 
     def __init__(
@@ -457,6 +459,11 @@ class PostgresStore(common.ServerReads, common.BaseStore):
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         with self._conn() as conn:
             return int(conn.execute(sql.replace("?", "%s"), tuple(params)).rowcount)
+
+    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        with self._conn() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), [tuple(r) for r in rows])
+        return len(rows)
 
     def _ts_out(self, value: Any) -> datetime | None:
         return _dt(value)

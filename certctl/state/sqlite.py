@@ -27,7 +27,7 @@ from typing import Any
 
 from certctl.errors import LockedError, StateError
 from certctl.model import SecretBytes, StateSnapshot
-from certctl.state import common, crypto
+from certctl.state import agents, common, crypto, findings
 from certctl.state.base import Batch, StoredIntent
 
 _ts = common.ts_text
@@ -98,7 +98,7 @@ def _split_statements(sql: str) -> list[str]:
     return out
 
 
-class SQLiteStore(common.ServerReads, common.BaseStore):
+class SQLiteStore(agents.AgentStore, findings.FindingsStore, common.ServerReads, common.BaseStore):
     """State in one SQLite file. See the module docstring."""
 
     def __init__(
@@ -405,6 +405,11 @@ class SQLiteStore(common.ServerReads, common.BaseStore):
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         with self._tx("IMMEDIATE") as conn:
             return int(conn.execute(sql, tuple(params)).rowcount)
+
+    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        with self._tx("IMMEDIATE") as conn:
+            conn.executemany(sql, [tuple(r) for r in rows])
+        return len(rows)
 
     def _ts_out(self, value: Any) -> datetime | None:
         return _dt(value)

@@ -371,7 +371,9 @@ class SSHHost:
                 raise self._failed from exc
             self.pool.connects += 1
             try:
-                sftp = await conn.start_sftp_client()
+                # Names that are not UTF-8 come back as lone surrogates (and go out as
+                # the same bytes) instead of failing a whole directory listing.
+                sftp = await conn.start_sftp_client(path_errors="surrogateescape")
             except (OSError, asyncssh.Error) as exc:
                 conn.close()
                 raise translate(exc, s, "start SFTP") from exc
@@ -421,6 +423,18 @@ class SSHHost:
             except asyncssh.SFTPNoSuchFile:
                 return []
             return [str(n) for n in names if n not in (".", "..")]
+
+    async def scandir(self, path: str) -> list[tuple[str, FileStat]]:
+        """Names in a directory with their own (not followed) metadata, from the SFTP
+        READDIR replies themselves: no round trip per entry. Empty when missing."""
+        async with self._session(f"list {path}") as sftp:
+            try:
+                entries = await sftp.readdir(path)
+            except asyncssh.SFTPNoSuchFile:
+                return []
+            return [
+                (str(e.filename), _stat(e.attrs)) for e in entries if e.filename not in (".", "..")
+            ]
 
     async def mkdir(self, path: str, mode: int) -> None:
         async with self._session(f"create {path}") as sftp:
@@ -603,6 +617,11 @@ class SudoSSHHost(SSHHost):
                 raise
         status, out, _ = await self._call(["ls", "-A", "-1", "--", path], 60.0, sudo=True)
         return out.decode(errors="replace").splitlines() if status == 0 else []
+
+    async def scandir(self, path: str) -> list[tuple[str, FileStat]]:
+        names = await self.listdir(path)  # through sudo where SFTP is refused
+        stats = await asyncio.gather(*(self.lstat(f"{path.rstrip('/')}/{n}") for n in names))
+        return [(n, st) for n, st in zip(names, stats, strict=True) if st is not None]
 
     async def mkdir(self, path: str, mode: int) -> None:
         if await self.lstat(path) is None:

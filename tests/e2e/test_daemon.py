@@ -8,6 +8,7 @@ can signal it while deployments are being recorded.
 
 from __future__ import annotations
 
+import re
 import signal
 import sqlite3
 import subprocess
@@ -85,27 +86,32 @@ def _converged(ws: Workspace) -> None:
         assert (ws.inv / "out" / "slow" / f"c{i:02d}.pem").exists()
 
 
-def test_sigterm_mid_apply_finishes_the_apply_and_a_restart_is_clean(
+def test_sigterm_mid_apply_stops_between_certificates_and_a_restart_converges(
     workspace: Workspace,
 ) -> None:
     ws = workspace
     _setup(ws)
-    proc = _start(ws, "--interval-apply", "3600", *QUIET)
+    proc = _start(ws, "--interval-apply", "3600", "--concurrency", "2", *QUIET)
     seen = _wait_for_deployments(ws, proc, 3)
     assert seen < N  # really mid-apply
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "SIGTERM: stopping once the tick in flight has finished" in err
-    assert "apply: run 1: 30 issued, 0 renewed, 30 deployed" in err
+    # The certificates in flight were finished; the others were not started.
+    m = re.search(r"apply: run 1: (\d+) issued, 0 renewed, (\d+) deployed", err)
+    assert m, err
+    issued, deployed = int(m[1]), int(m[2])
+    assert seen <= issued == deployed < N
+    assert f"apply: stopped early: {N - issued} certificate(s) not started" in err
     assert err.rstrip().endswith("certctl daemon stopped")
-    # The apply in flight finished: its run is recorded as ok, nothing is left open.
-    assert _count(ws, "SELECT count(*) FROM runs WHERE kind = 'apply' AND status = 'ok'") == 1
-    _converged(ws)
+    assert _count(ws, "SELECT count(*) FROM runs WHERE kind = 'apply' AND status = 'stopped'") == 1
+    assert _count(ws, "SELECT count(*) FROM certificate_versions") == issued
+    assert _count(ws, "SELECT count(*) FROM journal WHERE closed_at IS NULL") == 0
     again = _start(ws, "--once")
     out, err = again.communicate(timeout=120)
     assert again.returncode == 0, err
-    assert "apply: run" not in err and "apply: nothing to do" in err
+    assert f"apply: run 2: {N - issued} issued, 0 renewed, {N - issued} deployed" in err
     assert "certctl daemon started" in err and "(once)" in err
     _converged(ws)
     assert "PRIVATE KEY" not in out + err

@@ -70,3 +70,14 @@ def test_plain_install_is_complete(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     assert "1 issued" in run.stdout
     assert (inv / "out" / "www.pem").read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    # The bundled playbooks and their schema travel too.
+    book = subprocess.run(
+        [*run.args[:4], "-i", str(inv), "run", "verify-endpoints"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert book.returncode == 0, book.stdout + book.stderr
+    assert "RECAP: 1 of 1 step(s) run, 1 certificate(s) done" in book.stdout

@@ -7,7 +7,12 @@ import configparser
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-MAPPED = {"certctl": "certctl", "connectors": "certctl_connectors", "schemas": "certctl_schemas"}
+MAPPED = {
+    "certctl": "certctl",
+    "connectors": "certctl_connectors",
+    "schemas": "certctl_schemas",
+    "playbooks": "certctl_playbooks",
+}
 
 
 def test_every_package_directory_is_listed_in_setup_cfg() -> None:

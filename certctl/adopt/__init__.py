@@ -1,0 +1,1 @@
+"""Adopting discovered and imported certificates into the inventory and state."""

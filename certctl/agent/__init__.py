@@ -1,0 +1,1 @@
+"""Pull-mode agents: protocol, server side and the ``certctl agent`` client."""

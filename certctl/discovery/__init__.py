@@ -1,0 +1,1 @@
+"""Discovery of certificates in files and on the network."""

@@ -1,0 +1,1 @@
+"""Playbooks: reviewable runbooks run with ``certctl run``."""

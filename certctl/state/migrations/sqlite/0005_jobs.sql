@@ -1,0 +1,4 @@
+-- The job queue, workers and leader election (certctl.workers) are PostgreSQL only:
+-- `certctl worker` and `apply --via-workers` refuse an SQLite store with a clear
+-- message naming the fix. This migration creates nothing; it keeps the schema
+-- numbering of both backends in step.

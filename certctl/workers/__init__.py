@@ -1,0 +1,1 @@
+"""The PostgreSQL job queue, ``certctl worker`` and leader election."""

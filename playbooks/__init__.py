@@ -1,0 +1,1 @@
+"""Bundled playbooks (installed as ``certctl_playbooks``; run with ``certctl run NAME``)."""

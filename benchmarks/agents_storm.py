@@ -25,6 +25,10 @@ import _storm_queue
 KEYS = ("heartbeat_per_s", "heartbeat_p99_ms", "work_latency_s", "queue_jobs_per_s_4w")
 
 
+def _fmt(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.4g}"
+
+
 def main() -> None:
     figures: dict[str, float] = {}
     for part in (_storm_heartbeat, _storm_latency, _storm_queue):
@@ -32,7 +36,7 @@ def main() -> None:
         print(f"== {name}", flush=True)
         figures.update(part.run())
     extra = sorted(k for k in figures if k not in KEYS)
-    line = " ".join(f"{k}={figures[k]:.4g}" for k in (*KEYS, *extra) if k in figures)
+    line = " ".join(f"{k}={_fmt(figures[k])}" for k in (*KEYS, *extra) if k in figures)
     print(f"RESULT {line}", flush=True)
 
 

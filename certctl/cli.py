@@ -22,6 +22,7 @@ from certctl.engine import Engine, default_holder
 from certctl.errors import CertctlError
 from certctl.model import Plan
 from certctl.pki import crl
+from certctl.plan.confirm import confirm_plan
 from certctl.plan.planner import PlanOptions, count_line
 from certctl.plan.render import plan_from_json, render, render_json, render_text
 
@@ -306,20 +307,7 @@ def _run_apply(
     concurrency: int,
     agent_wait: float = 0.0,
 ) -> None:
-    def confirm(plan: Plan) -> bool:
-        click.echo(render_text(plan), nl=False)
-        if auto_approve:
-            return True
-        if not sys.stdin.isatty():
-            raise CertctlError(
-                "apply needs confirmation: run it on a terminal, pass --auto-approve, "
-                "or apply a saved plan file"
-            )
-        answer = click.prompt(
-            "\nDo you want to perform these actions? Only 'yes' will be accepted", default=""
-        )
-        return bool(answer.strip() == "yes")
-
+    confirm = confirm_plan(auto_approve)
     update, stop = _progress_callback()
     try:
         plan, report = eng.apply(

@@ -80,14 +80,7 @@ def _set(conf: dict[str, tuple[str, int]], key: str) -> str | None:
     return v if v and v.lower() != "no" else None
 
 
-class AcmeShImport:
-    def __init__(self, directory: Path, *, ca_bundle: str | None = None) -> None:
-        self.dir = directory.expanduser().absolute()
-        self.ca_bundle = ca_bundle
-        self.report = src.Report()
-        self._issuers: dict[tuple[str, str], IssuerDraft] = {}
-        self._issuer_names: set[str] = set()
-
+class AcmeShImport(src.ToolImport):
     def candidates(self, only: set[str] | None = None) -> list[Candidate]:
         if not self.dir.is_dir():
             raise AdoptError(f"{self.dir} is not a directory")
@@ -218,10 +211,6 @@ class AcmeShImport:
             challenge = {"type": "http-01", "responder": {"listen": f"0.0.0.0:{port}"}}
         else:
             challenge = {"type": "http-01", "webroot": {"path": first}}
-        key = (api, repr(sorted(challenge.items())))
-        hit = self._issuers.get(key)
-        if hit is not None:
-            return hit
         host = parts.hostname
         base = (
             "letsencrypt"
@@ -230,22 +219,13 @@ class AcmeShImport:
             if host == "acme.zerossl.com"
             else safe_name(f"acme-{host}" + (f"-{parts.port}" if parts.port else ""))
         )
-        name, n = base, 2
-        while name in self._issuer_names:
-            name, n = f"{base}-{n}", n + 1
-        self._issuer_names.add(name)
-        config: dict[str, Any] = {"type": "acme", "directory": api, "challenge": challenge}
-        if self.ca_bundle:
-            config["ca_bundle"] = self.ca_bundle
-        config["terms_of_service_agreed"] = True
-        draft = IssuerDraft(
-            name,
-            config,
+        return self._acme_issuer(
+            api,
+            challenge,
+            base,
             f"the ACME server of acme.sh {domain} (Le_API = {api}); certctl registers its own "
             "account (add eab: if the CA requires external account binding)",
         )
-        self._issuers[key] = draft
-        return draft
 
     def _target(
         self,

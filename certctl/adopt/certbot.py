@@ -161,15 +161,8 @@ def _true(conf: Conf, key: str) -> bool:
     return conf.params.get(key, ("", 0))[0].lower() in ("true", "yes", "1")
 
 
-class CertbotImport:
+class CertbotImport(src.ToolImport):
     """Reads one certbot configuration directory into candidates."""
-
-    def __init__(self, directory: Path, *, ca_bundle: str | None = None) -> None:
-        self.dir = directory.expanduser().absolute()
-        self.ca_bundle = ca_bundle
-        self.report = src.Report()
-        self._issuers: dict[tuple[str, str], IssuerDraft] = {}
-        self._issuer_names: set[str] = set()
 
     def candidates(self, only: set[str] | None = None) -> list[Candidate]:
         renewal = self.dir / "renewal"
@@ -305,30 +298,14 @@ class CertbotImport:
             line = conf.params.get("server", ("", 0))[1]
             raise AdoptError(f"{conf.where(line)}: server {server[:80]!r} is not an http(s) URL")
         challenge = self._challenge(conf, lineage, notes)
-        config: dict[str, Any] = {"type": "acme", "directory": server, "challenge": challenge}
-        if self.ca_bundle:
-            config["ca_bundle"] = self.ca_bundle
-        config["terms_of_service_agreed"] = True
-        key = (server, repr(sorted(challenge.items())))
-        hit = self._issuers.get(key)
-        if hit is not None:
-            return hit
-        base = _issuer_base(parts.hostname, parts.port, server)
-        name = base
-        n = 2
-        while name in self._issuer_names:
-            name = f"{base}-{n}"
-            n += 1
-        self._issuer_names.add(name)
-        draft = IssuerDraft(
-            name,
-            config,
+        return self._acme_issuer(
+            server,
+            challenge,
+            _issuer_base(parts.hostname, parts.port, server),
             f"the ACME server of certbot lineage {lineage} (server = {server}); certctl "
             "registers its own account (certbot's account key is not copied; add eab: if "
             "the CA requires external account binding); terms of service as agreed with certbot",
         )
-        self._issuers[key] = draft
-        return draft
 
     def _challenge(self, conf: Conf, lineage: str, notes: list[str]) -> dict[str, Any]:
         auth = conf.params.get("authenticator", ("standalone", 0))[0]

@@ -15,7 +15,7 @@ import click
 
 from certctl.adopt import seed
 from certctl.adopt.model import AdoptError, Candidate
-from certctl.adopt.sources import Report
+from certctl.adopt.sources import Report, ToolImport
 from certctl.engine import Engine
 
 
@@ -37,6 +37,13 @@ _prefix = click.option(
 )
 _dry = click.option(
     "--dry-run", is_flag=True, help="Print the YAML that would be written; change nothing."
+)
+_ca_bundle = click.option(
+    "--ca-bundle",
+    default=None,
+    # absolute: the issuer reads a relative ca_bundle from the inventory directory
+    type=click.Path(exists=True, dir_okay=False, resolve_path=True),
+    help="CA bundle the emitted ACME issuers verify their server with (private ACME CAs).",
 )
 
 
@@ -81,6 +88,24 @@ def _finish(
         ctx.exit(1)
 
 
+def _import(
+    ctx: click.Context,
+    imp: ToolImport,
+    only: tuple[str, ...],
+    header: Sequence[str],
+    out: Path | None,
+    prefix: str,
+    dry_run: bool,
+) -> None:
+    """Reads ``imp``'s candidates (only those named, when any are), then :func:`_finish`."""
+    try:
+        cands = imp.candidates(set(only) if only else None)
+    except AdoptError as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(1)
+    _finish(ctx, cands, imp.report, header, out, prefix, dry_run)
+
+
 @click.group("import")
 def import_group() -> None:
     """Import certificates another tool manages (certbot, acme.sh), without reissuing."""
@@ -94,13 +119,7 @@ def import_group() -> None:
     type=click.Path(file_okay=False, path_type=Path),
 )
 @click.option("--lineage", "lineages", multiple=True, help="Only these lineages (repeatable).")
-@click.option(
-    "--ca-bundle",
-    default=None,
-    # absolute: the issuer reads a relative ca_bundle from the inventory directory
-    type=click.Path(exists=True, dir_okay=False, resolve_path=True),
-    help="CA bundle the emitted ACME issuers verify their server with (private ACME CAs).",
-)
+@_ca_bundle
 @_out
 @_prefix
 @_dry
@@ -119,17 +138,12 @@ def certbot_cmd(
     from certctl.adopt.certbot import CertbotImport
 
     imp = CertbotImport(directory, ca_bundle=ca_bundle)
-    try:
-        cands = imp.candidates(set(lineages) if lineages else None)
-    except AdoptError as exc:
-        click.echo(f"error: {exc}", err=True)
-        ctx.exit(1)
     header = [
         f"Imported by `certctl import certbot {imp.dir}`.",
         "certctl now renews and deploys these lineages: their live/ symlinks were replaced by",
         "regular files with the same bytes, their renewal/*.conf renamed *.conf.certctl-imported.",
     ]
-    _finish(ctx, cands, imp.report, header, out, prefix, dry_run)
+    _import(ctx, imp, lineages, header, out, prefix, dry_run)
 
 
 @import_group.command("acme.sh")
@@ -140,13 +154,7 @@ def certbot_cmd(
     type=click.Path(file_okay=False, path_type=Path),
 )
 @click.option("--domain", "domains", multiple=True, help="Only these domains (repeatable).")
-@click.option(
-    "--ca-bundle",
-    default=None,
-    # absolute: the issuer reads a relative ca_bundle from the inventory directory
-    type=click.Path(exists=True, dir_okay=False, resolve_path=True),
-    help="CA bundle the emitted ACME issuers verify their server with (private ACME CAs).",
-)
+@_ca_bundle
 @_out
 @_prefix
 @_dry
@@ -166,17 +174,12 @@ def acmesh_cmd(
     from certctl.adopt.acmesh import AcmeShImport
 
     imp = AcmeShImport(directory, ca_bundle=ca_bundle)
-    try:
-        cands = imp.candidates(set(domains) if domains else None)
-    except AdoptError as exc:
-        click.echo(f"error: {exc}", err=True)
-        ctx.exit(1)
     header = [
         f"Imported by `certctl import acme.sh {imp.dir}`.",
         "certctl now renews and deploys these domains: their <domain>.conf was renamed",
         "<domain>.conf.certctl-imported, so acme.sh --cron no longer renews them.",
     ]
-    _finish(ctx, cands, imp.report, header, out, prefix, dry_run)
+    _import(ctx, imp, domains, header, out, prefix, dry_run)
 
 
 @click.command("adopt")

@@ -49,7 +49,9 @@ import yaml
 
 from certctl import pki
 from certctl.adopt.model import OBSERVED, AdoptError, Candidate, IssuerDraft, Takeover, key_id
+from certctl.apply.records import new_version, settled
 from certctl.apply.syncer import BatchSyncer
+from certctl.connectors import IssuedCert
 from certctl.engine import Engine, default_holder
 from certctl.errors import CertctlError, InventoryError
 from certctl.faults import Failpoints
@@ -59,10 +61,9 @@ from certctl.model import (
     FileRecord,
     Inventory,
     StateSnapshot,
-    VersionRecord,
 )
-from certctl.plan.planner import profile_digest, profile_for, spec_digest
-from certctl.state.base import AuditEvent, Batch, CertUpdate, NewVersion
+from certctl.plan.planner import profile_for
+from certctl.state.base import AuditEvent, Batch, NewVersion
 
 _DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 #: Suffix given to a certbot renewal configuration certctl took over.
@@ -375,29 +376,22 @@ def build_batch(
         record = snap.certs.get(c.name)
         prev = record.current.version if record is not None and record.current else 0
         leaf = c.leaf
-        version = VersionRecord(
-            cert=c.name,
-            version=prev + 1,
+        found = IssuedCert(
+            c.cert_pem,
+            c.chain_pem,
             serial=pki.serial_hex(leaf.serial_number),
             not_before=leaf.not_valid_before_utc,
             not_after=leaf.not_valid_after_utc,
             fingerprint=c.fingerprint,
-            issuer=cert.issuer,
-            key_spec=cert.key.id,
-            names=cert.names,
-            profile_digest=profile_digest(cert, profile),
+        )
+        version = new_version(
+            cert,
+            profile,
+            prev + 1,
+            found,
             key_custody=cert.key.custody if c.key_pem is not None else OBSERVED,
         )
-        batch.cert_updates.append(
-            CertUpdate(
-                c.name,
-                failures=0,
-                clear_next_attempt=True,
-                force_renew=False,
-                spec_digest=spec_digest(cert, profile),
-                retired=False,
-            )
-        )
+        batch.cert_updates.append(settled(cert, profile))
         batch.versions.append(
             NewVersion(
                 version, c.cert_pem, c.chain_pem, c.key_pem, revoke_on_remove=cert.revoke_on_remove

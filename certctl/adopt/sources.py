@@ -7,11 +7,12 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
 from certctl import pki
-from certctl.adopt.model import AdoptError
+from certctl.adopt.model import AdoptError, Candidate, IssuerDraft
 from certctl.model import SecretBytes
 
 #: Larger files are not certificates, keys or configurations of these tools.
@@ -24,6 +25,43 @@ class Report:
 
     refused: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+class ToolImport:
+    """What the imports of another tool's directory share: the directory, the CA bundle
+    for the emitted ACME issuers, the report, and one issuer per (server, challenge)."""
+
+    def __init__(self, directory: Path, *, ca_bundle: str | None = None) -> None:
+        self.dir = directory.expanduser().absolute()
+        self.ca_bundle = ca_bundle
+        self.report = Report()
+        self._issuers: dict[tuple[str, str], IssuerDraft] = {}
+        self._issuer_names: set[str] = set()
+
+    def candidates(self, only: set[str] | None = None) -> list[Candidate]:
+        """The candidates found (only those named in ``only``, when given)."""
+        raise NotImplementedError
+
+    def _acme_issuer(
+        self, server: str, challenge: dict[str, Any], base: str, comment: str
+    ) -> IssuerDraft:
+        """The issuer for ACME ``server`` with ``challenge``: the one drafted before for
+        the same pair, else a new one named ``base`` (``base-2``, ... when taken)."""
+        key = (server, repr(sorted(challenge.items())))
+        hit = self._issuers.get(key)
+        if hit is not None:
+            return hit
+        name, n = base, 2
+        while name in self._issuer_names:
+            name, n = f"{base}-{n}", n + 1
+        self._issuer_names.add(name)
+        config: dict[str, Any] = {"type": "acme", "directory": server, "challenge": challenge}
+        if self.ca_bundle:
+            config["ca_bundle"] = self.ca_bundle
+        config["terms_of_service_agreed"] = True
+        draft = IssuerDraft(name, config, comment)
+        self._issuers[key] = draft
+        return draft
 
 
 def read_bounded(path: Path | str, what: str) -> bytes:

@@ -25,13 +25,14 @@ from typing import Any
 from certctl import pki
 from certctl.agent import protocol as P
 from certctl.agent.settings import AgentServerSettings
+from certctl.apply.records import new_version, settled
 from certctl.connectors import IssueRequest
 from certctl.engine import Engine
 from certctl.errors import CertctlError, PermanentError
-from certctl.model import Certificate, DeploymentRecord, VersionRecord
+from certctl.model import Certificate, DeploymentRecord
 from certctl.pki import keys as pki_keys
-from certctl.plan.planner import profile_digest, profile_for, spec_digest
-from certctl.state.base import AuditEvent, Batch, CertUpdate, NewVersion, StateStore
+from certctl.plan.planner import profile_for
+from certctl.state.base import AuditEvent, Batch, NewVersion, StateStore
 
 log = logging.getLogger("certctl.agent.server")
 
@@ -151,33 +152,12 @@ class JobOutcomes:
                 self.on_failed(agent, rec.id, nxt)
                 raise P.ProtocolError(409, f"issuance failed: {exc}") from None
         prev_no = previous.version if previous is not None else 0
-        version = VersionRecord(
-            cert=cert.name,
-            version=prev_no + 1,
-            serial=issued.serial,
-            not_before=issued.not_before,
-            not_after=issued.not_after,
-            fingerprint=issued.fingerprint,
-            issuer=cert.issuer,
-            key_spec=cert.key.id,
-            names=cert.names,
-            profile_digest=profile_digest(cert, profile),
-            key_custody=cert.key.custody,
-        )
+        version = new_version(cert, profile, prev_no + 1, issued)
         kind = "renew" if previous is not None else "issue"
         await asyncio.to_thread(
             self.store.write,
             Batch(
-                cert_updates=[
-                    CertUpdate(
-                        cert.name,
-                        failures=0,
-                        clear_next_attempt=True,
-                        force_renew=False,
-                        spec_digest=spec_digest(cert, profile),
-                        retired=False,
-                    )
-                ],
+                cert_updates=[settled(cert, profile)],
                 versions=[
                     NewVersion(
                         version,

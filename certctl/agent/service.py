@@ -81,6 +81,13 @@ def _printable(text: str) -> str:
     )
 
 
+def _still_held(rec: P.AgentJobRecord) -> P.AgentJobRecord:
+    """``rec``, if its agent still holds it (leased, or issued and not yet reported)."""
+    if rec.state not in ("leased", "issued"):
+        raise P.ProtocolError(409, f"job {rec.id} is {rec.state}, not leased to you")
+    return rec
+
+
 def _iso(dt: datetime) -> str:
     return dt.isoformat().replace("+00:00", "Z")
 
@@ -665,15 +672,26 @@ class AgentService:
         }
 
     # ================================================================ jobs
-    async def _held_job(self, agent: _Agent, job_id: str) -> P.AgentJobRecord:
+    async def _job_call(self, request: Request) -> tuple[_Agent, str, bytes] | Response:
+        """A signed call on one job: its agent, job id and body, or the refusal to send."""
+        agent, body, refused = await self._signed(request)
+        if refused is not None or agent is None:
+            return refused or _error(401, "unauthenticated")
+        job_id = request.path_params["job_id"]
+        if not P.JOB_ID_RE.fullmatch(job_id):  # before anything is kept for it (the lock)
+            return self._refuse(request, P.ProtocolError(404, "no such job"), agent.name)
+        return agent, job_id, body
+
+    async def _own_job(self, agent: _Agent, job_id: str) -> P.AgentJobRecord:
         if not P.JOB_ID_RE.fullmatch(job_id):
             raise P.ProtocolError(404, "no such job")
         rec = await asyncio.to_thread(self.store.agent_job, job_id)
         if rec is None or rec.agent != agent.name:
             raise P.ProtocolError(404, "no such job")  # another agent's job is not yours
-        if rec.state not in ("leased", "issued"):
-            raise P.ProtocolError(409, f"job {job_id} is {rec.state}, not leased to you")
         return rec
+
+    async def _held_job(self, agent: _Agent, job_id: str) -> P.AgentJobRecord:
+        return _still_held(await self._own_job(agent, job_id))
 
     def _lock(self, job_id: str) -> asyncio.Lock:
         if len(self._job_locks) > 10_000:
@@ -682,12 +700,10 @@ class AgentService:
         return self._job_locks.setdefault(job_id, asyncio.Lock())
 
     async def csr(self, request: Request) -> Response:
-        agent, body, refused = await self._signed(request)
-        if refused is not None or agent is None:
-            return refused or _error(401, "unauthenticated")
-        job_id = request.path_params["job_id"]
-        if not P.JOB_ID_RE.fullmatch(job_id):  # before anything is kept for it (the lock)
-            return self._refuse(request, P.ProtocolError(404, "no such job"), agent.name)
+        call = await self._job_call(request)
+        if isinstance(call, Response):
+            return call
+        agent, job_id, body = call
         try:
             doc = self._json(body)
             csr_text = doc.get("csr")
@@ -708,12 +724,10 @@ class AgentService:
             return _error(503, "state store unavailable")
 
     async def result(self, request: Request) -> Response:
-        agent, body, refused = await self._signed(request)
-        if refused is not None or agent is None:
-            return refused or _error(401, "unauthenticated")
-        job_id = request.path_params["job_id"]
-        if not P.JOB_ID_RE.fullmatch(job_id):  # before anything is kept for it (the lock)
-            return self._refuse(request, P.ProtocolError(404, "no such job"), agent.name)
+        call = await self._job_call(request)
+        if isinstance(call, Response):
+            return call
+        agent, job_id, body = call
         try:
             doc = self._json(body)
             status = doc.get("status")
@@ -755,16 +769,10 @@ class AgentService:
     async def _result_job(
         self, agent: _Agent, job_id: str, status: str, fingerprint: str | None
     ) -> P.AgentJobRecord | None:
-        if not P.JOB_ID_RE.fullmatch(job_id):
-            raise P.ProtocolError(404, "no such job")
-        rec = await asyncio.to_thread(self.store.agent_job, job_id)
-        if rec is None or rec.agent != agent.name:
-            raise P.ProtocolError(404, "no such job")
+        rec = await self._own_job(agent, job_id)
         if rec.state == "deployed" and status == "deployed" and rec.fingerprint == fingerprint:
             return None
-        if rec.state not in ("leased", "issued"):
-            raise P.ProtocolError(409, f"job {job_id} is {rec.state}, not leased to you")
-        return rec
+        return _still_held(rec)
 
     def _failed(self, agent: str, job_id: str, nxt: datetime | None) -> None:
         """A failure was counted: the job leaves the agent's hand; the watcher re-reads

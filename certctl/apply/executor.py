@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 from certctl import pki
 from certctl.apply.groupwriter import GroupWriter
+from certctl.apply.records import new_version, settled
 from certctl.connectors import Issuer, IssueRequest, Material, Staged, Target
 from certctl.errors import CertctlError, PermanentError, TransientError
 from certctl.faults import Failpoints
@@ -43,9 +44,8 @@ from certctl.model import (
     Reason,
     SecretBytes,
     StateSnapshot,
-    VersionRecord,
 )
-from certctl.plan.planner import profile_digest, profile_for, spec_digest
+from certctl.plan.planner import profile_for, spec_digest
 from certctl.state.base import (
     AuditEvent,
     Batch,
@@ -532,19 +532,7 @@ class Executor:
         intent_id = str(journaled["intent"])
         self.faults.hit("after_issue")
         prev = record.current.version if record is not None and record.current else 0
-        version = VersionRecord(
-            cert=name,
-            version=prev + 1,
-            serial=issued.serial,
-            not_before=issued.not_before,
-            not_after=issued.not_after,
-            fingerprint=issued.fingerprint,
-            issuer=cert.issuer,
-            key_spec=cert.key.id,
-            names=cert.names,
-            profile_digest=profile_digest(cert, profile),
-            key_custody=cert.key.custody,
-        )
+        version = new_version(cert, profile, prev + 1, issued)
         deploy_intents = [
             IntentRecord(
                 uuid.uuid4().hex,
@@ -561,16 +549,7 @@ class Executor:
             Batch(
                 intents=deploy_intents,
                 closed_intents=[(intent_id, "issued")],
-                cert_updates=[
-                    CertUpdate(
-                        name,
-                        failures=0,
-                        clear_next_attempt=True,
-                        force_renew=False,
-                        spec_digest=spec_digest(cert, profile),
-                        retired=False,
-                    )
-                ],
+                cert_updates=[settled(cert, profile)],
                 versions=[
                     NewVersion(
                         version,

@@ -13,8 +13,9 @@ from collections.abc import Callable
 import click
 
 from certctl.engine import Engine, default_holder
-from certctl.errors import CertctlError, StalePlanError
+from certctl.errors import StalePlanError
 from certctl.model import Plan
+from certctl.plan.confirm import confirm_plan
 from certctl.plan.planner import PlanOptions, options_of
 from certctl.plan.render import render_text
 from certctl.workers import applyjobs
@@ -23,27 +24,9 @@ from certctl.workers.queue import FINAL, JobQueue, connect
 POLL_S = 0.5
 
 
-def _confirm(auto_approve: bool) -> Callable[[Plan], bool]:
-    def confirm(plan: Plan) -> bool:
-        click.echo(render_text(plan), nl=False)
-        if auto_approve:
-            return True
-        if not sys.stdin.isatty():
-            raise CertctlError(
-                "apply needs confirmation: run it on a terminal, pass --auto-approve, "
-                "or apply a saved plan file"
-            )
-        answer = click.prompt(
-            "\nDo you want to perform these actions? Only 'yes' will be accepted", default=""
-        )
-        return bool(answer.strip() == "yes")
-
-    return confirm
-
-
 def _saved_check(saved: Plan, auto_approve: bool) -> Callable[[Plan], bool]:
     """A saved plan must still be the plan (same digest, same actions)."""
-    show = _confirm(auto_approve)
+    show = confirm_plan(auto_approve)
 
     def check(fresh: Plan) -> bool:
         if saved.input_digest != fresh.input_digest or [a.id for a in saved.actions] != [
@@ -75,7 +58,7 @@ def apply_via_workers(
     eng: Engine, saved: Plan | None, auto_approve: bool, timeout: float | None
 ) -> None:
     options = options_of(saved) if saved is not None else PlanOptions()
-    confirm = _saved_check(saved, auto_approve) if saved is not None else _confirm(auto_approve)
+    confirm = _saved_check(saved, auto_approve) if saved is not None else confirm_plan(auto_approve)
     sub = applyjobs.submit(eng, holder=default_holder(), options=options, confirm=confirm)
     if sub is None:
         plan, _ = eng.plan(options)

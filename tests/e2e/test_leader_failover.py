@@ -24,6 +24,7 @@ import psycopg
 
 from certctl.daemon.scheduler import Loop
 from certctl.state import open_store
+from tests.e2e.worker_support import stop_all
 
 LEASE_S = 3.0
 #: The followers' campaign interval (LeaderRunner.retry_s).
@@ -107,13 +108,8 @@ def _seconds(conn: psycopg.Connection[Any], later: Any, earlier: Any) -> float:
     return float(row[0])
 
 
-def _pid(holder: str) -> int:
-    return int(holder.split(":")[-2])
-
-
-def test_leader_failover_within_the_lease_and_no_overlap(
-    make_pg_db: Callable[[], str], tmp_path: Path
-) -> None:
+def _setup(make_pg_db: Callable[[], str], tmp_path: Path) -> tuple[str, Path]:
+    """(state URL, inventory) of a fresh database with the probe loop's table."""
     url = make_pg_db()
     inv = tmp_path / "inventory"
     inv.mkdir()
@@ -123,6 +119,17 @@ def test_leader_failover_within_the_lease_and_no_overlap(
             "CREATE TABLE probe_ticks (id bigserial PRIMARY KEY, holder text NOT NULL, "
             "started timestamptz NOT NULL, ended timestamptz)"
         )
+    return url, inv
+
+
+def _pid(holder: str) -> int:
+    return int(holder.split(":")[-2])
+
+
+def test_leader_failover_within_the_lease_and_no_overlap(
+    make_pg_db: Callable[[], str], tmp_path: Path
+) -> None:
+    url, inv = _setup(make_pg_db, tmp_path)
     logs = [(tmp_path / f"w{i}.log").open("wb") for i in range(3)]
     procs = [_start(url, inv, log) for log in logs]
     by_pid = {p.pid: p for p in procs}
@@ -190,15 +197,7 @@ def test_leader_failover_within_the_lease_and_no_overlap(
             elected = [d["holder"] for e, d in events if e == "leader.elected"]
             assert elected.index(first) < elected.index(second) < elected.index(third)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(procs, 30)
         for log in logs:
             log.close()
 
@@ -209,15 +208,7 @@ def test_a_frozen_leader_is_evicted_and_starts_no_new_tick_when_it_wakes(
     """SIGSTOP keeps the leader's session (and advisory lock) open: a follower ends
     that session once the lease is a lease overdue, and takes over; the woken leader
     finds its lease gone and starts no further tick."""
-    url = make_pg_db()
-    inv = tmp_path / "inventory"
-    inv.mkdir()
-    open_store(url, inventory_root=inv).close()
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE probe_ticks (id bigserial PRIMARY KEY, holder text NOT NULL, "
-            "started timestamptz NOT NULL, ended timestamptz)"
-        )
+    url, inv = _setup(make_pg_db, tmp_path)
     logs = [(tmp_path / f"w{i}.log").open("wb") for i in range(2)]
     procs = [_start(url, inv, log) for log in logs]
     by_pid = {p.pid: p for p in procs}

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psycopg
-from cryptography import x509
 
 from tests.e2e.conftest import MakeCerts, Workspace
+from tests.e2e.worker_support import assert_issued_by_stored_ca, stop_all
 
 CERTS = 6
 
@@ -40,15 +40,7 @@ def _workers(
     try:
         yield procs
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(procs, 60)
         for log in logs:
             log.close()
 
@@ -116,15 +108,7 @@ def test_apply_via_workers_issues_and_deploys_each_certificate_once(
     assert _one(url, "SELECT count(*) FROM journal WHERE closed_at IS NULL") == 0
     # Two workers issued from one CA created on first use: it was created once (under
     # the workers' issuer lock), so every leaf chains to the CA the state keeps.
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT value FROM issuer_vault WHERE issuer = 'ca' AND key = 'root/cert.pem'"
-        ).fetchone()
-    assert row is not None
-    ca = x509.load_pem_x509_certificate(bytes(row[0]))
-    for i in range(CERTS):
-        pem = (workspace.inv / "out" / "files" / f"c{i}" / "cert.pem").read_bytes()
-        x509.load_pem_x509_certificate(pem).verify_directly_issued_by(ca)
+    assert_issued_by_stored_ca(url, workspace.inv / "out" / "files", CERTS)
 
 
 def test_the_leader_plans_and_enqueues_and_the_workers_apply(

@@ -85,14 +85,56 @@ def _leaf(
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def _discover(inv: Path, root: Path) -> list[Finding]:
-    result = disc.scan_local([str(root)], disc.Options(), datetime.now(UTC))
+def _record(inv: Path, findings: list[Finding]) -> None:
     eng = Engine(inv)
     try:
-        eng.store().record_findings(result.findings)
+        eng.store().record_findings(findings)
     finally:
         eng.close()
+
+
+def _discover(inv: Path, root: Path) -> list[Finding]:
+    result = disc.scan_local([str(root)], disc.Options(), datetime.now(UTC))
+    _record(inv, result.findings)
     return result.findings
+
+
+def _finding(
+    name: str,
+    cert_pem: bytes,
+    *,
+    host: str,
+    location: str,
+    source: str = "file",
+    sni: str | None = None,
+    fmt: str = "pem",
+    self_signed: bool = False,
+    key_path: str | None = None,
+    chain_pem: str | None = None,
+) -> Finding:
+    """A finding of the EC P-256 leaf in ``cert_pem`` (for ``name``), as discovery
+    records one; the chain defaults to the leaf alone."""
+    leaf = pki.load_cert_pem(cert_pem)
+    return Finding(
+        source=source,
+        host=host,
+        location=location,
+        sni=sni,
+        format=fmt,
+        fingerprint=pki.fingerprint(leaf),
+        subject=leaf.subject.rfc4514_string(),
+        sans=(f"DNS:{name}",),
+        issuer=leaf.issuer.rfc4514_string(),
+        serial=pki.serial_hex(leaf.serial_number),
+        not_before=leaf.not_valid_before_utc,
+        not_after=leaf.not_valid_after_utc,
+        key_algorithm="ec",
+        key_size=256,
+        self_signed=self_signed,
+        key_path=key_path,
+        chain_pem=cert_pem.decode() if chain_pem is None else chain_pem,
+        seen_at=datetime.now(UTC),
+    )
 
 
 def test_adopt_file_finding_with_key_then_plan_has_no_changes(tmp_path: Path) -> None:
@@ -194,34 +236,18 @@ def test_adopt_without_key_is_observe_only_until_renewal(tmp_path: Path) -> None
 def test_unknown_issuer_and_endpoint_findings_keep_the_inventory_valid(tmp_path: Path) -> None:
     inv, _, _ = _setup(tmp_path)
     cert_pem, _ = _leaf("self.adopt.test", None)
-    leaf = pki.load_cert_pem(cert_pem)
-    now = datetime.now(UTC)
     # a network finding as discovery's TLS probe records it (recorded by the test)
-    finding = Finding(
+    finding = _finding(
+        "self.adopt.test",
+        cert_pem,
         source="network",
         host="local",
         location="127.0.0.1:8443",
         sni="self.adopt.test",
-        format="tls",
-        fingerprint=pki.fingerprint(leaf),
-        subject=leaf.subject.rfc4514_string(),
-        sans=("DNS:self.adopt.test",),
-        issuer=leaf.issuer.rfc4514_string(),
-        serial=pki.serial_hex(leaf.serial_number),
-        not_before=leaf.not_valid_before_utc,
-        not_after=leaf.not_valid_after_utc,
-        key_algorithm="ec",
-        key_size=256,
+        fmt="tls",
         self_signed=True,
-        key_path=None,
-        chain_pem=cert_pem.decode(),
-        seen_at=now,
     )
-    eng = Engine(inv)
-    try:
-        eng.store().record_findings([finding])
-    finally:
-        eng.close()
+    _record(inv, [finding])
     code, out = _run(inv, "adopt", "--all", "--out", str(inv / "net.yaml"))
     assert code == 0, out
     assert "no target: certctl does not know where this certificate's files are" in out
@@ -252,32 +278,14 @@ def test_finding_on_another_host_gets_an_ssh_target_and_is_observe_only(tmp_path
         "hosts:\n  web1: {address: 127.0.0.1, vars: {ssh_port: 9, ssh_connect_timeout: 2}}\n"
     )
     cert_pem, _ = _leaf("remote.adopt.test", (ca_cert, ca_key))
-    leaf = pki.load_cert_pem(cert_pem)
-    finding = Finding(
-        source="file",
+    finding = _finding(
+        "remote.adopt.test",
+        cert_pem,
         host="web1",
         location="/etc/ssl/remote.pem",
-        sni=None,
-        format="pem",
-        fingerprint=pki.fingerprint(leaf),
-        subject=leaf.subject.rfc4514_string(),
-        sans=("DNS:remote.adopt.test",),
-        issuer=leaf.issuer.rfc4514_string(),
-        serial=pki.serial_hex(leaf.serial_number),
-        not_before=leaf.not_valid_before_utc,
-        not_after=leaf.not_valid_after_utc,
-        key_algorithm="ec",
-        key_size=256,
-        self_signed=False,
         key_path="/etc/ssl/remote.key",
-        chain_pem=cert_pem.decode(),
-        seen_at=datetime.now(UTC),
     )
-    eng = Engine(inv)
-    try:
-        eng.store().record_findings([finding])  # as discovery's SSH scan records it
-    finally:
-        eng.close()
+    _record(inv, [finding])  # as discovery's SSH scan records it
     code, out = _run(inv, "adopt", "--host", "web1", "--all", "--out", str(inv / "r.yaml"))
     assert code == 0, out
     assert "observe only" in out
@@ -336,35 +344,18 @@ def test_remote_full_chain_and_combined_files_keep_their_roles(tmp_path: Path) -
     findings = []
     for name, key_beside in (("chain.adopt.test", None), ("combo.adopt.test", "same")):
         cert_pem, _ = _leaf(name, (ca_cert, ca_key))
-        leaf = pki.load_cert_pem(cert_pem)
         location = f"/etc/ssl/{name}.pem"
         findings.append(
-            Finding(
-                source="file",
+            _finding(
+                name,
+                cert_pem,
                 host="web1",
                 location=location,
-                sni=None,
-                format="pem",
-                fingerprint=pki.fingerprint(leaf),
-                subject=leaf.subject.rfc4514_string(),
-                sans=(f"DNS:{name}",),
-                issuer=leaf.issuer.rfc4514_string(),
-                serial=pki.serial_hex(leaf.serial_number),
-                not_before=leaf.not_valid_before_utc,
-                not_after=leaf.not_valid_after_utc,
-                key_algorithm="ec",
-                key_size=256,
-                self_signed=False,
                 key_path=location if key_beside else None,
                 chain_pem=cert_pem.decode() + ca_pem,
-                seen_at=datetime.now(UTC),
             )
         )
-    eng = Engine(inv)
-    try:
-        eng.store().record_findings(findings)
-    finally:
-        eng.close()
+    _record(inv, findings)
     code, out = _run(inv, "adopt", "--host", "web1", "--all", "--out", str(inv / "r.yaml"))
     assert code == 0, out
     doc = yaml.safe_load((inv / "r.yaml").read_text())

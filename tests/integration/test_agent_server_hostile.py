@@ -30,8 +30,14 @@ from certctl.agent.service import AgentServerSettings
 from certctl.engine import Engine, utcnow
 from certctl.server.app import ServerSettings
 from certctl.server.build import build_app
-from tests.integration.test_agent_server import _free_port, make_csr
-from tests.integration.test_server import ThreadedServer
+from tests.integration.agent_server_support import (
+    Agent,
+    enqueue,
+    enroll,
+    serving,
+    write_inventory,
+)
+from tests.integration.test_agent_server import make_csr
 
 FACTS = {"hostname": "h", "os": "linux", "arch": "x86_64", "version": "t", "ip": "1.1.1.1"}
 TOKEN = "cctla_" + "h" * 43
@@ -46,52 +52,13 @@ class Env:
     service: Any = None
 
     def enroll(self, name: str = "edge1") -> Agent:
-        agent = Agent(self.client)
-        r = self.client.post(
-            P.ENROLL_PATH,
-            json={
-                "token": TOKEN,
-                "name": name,
-                "public_key": P.encode_public_key(agent.key),
-                "labels": {},
-                "facts": FACTS,
-            },
-        )
-        assert r.status_code == 201, r.text
-        agent.id = r.json()["agent_id"]
-        return agent
+        return enroll(self.client, TOKEN, FACTS, name)
 
     def enqueue(self) -> str:
-        cert = self.eng.inventory().certificates["www"]
-        (pl,) = cert.placements
-        job = {
-            "key": P.key_body(cert.key),
-            "names": {"common_name": cert.common_name, "dns": list(cert.names), "ip": []},
-            "target": {"type": pl.type, "config": dict(pl.config)},
-            "version_hint": None,
-        }
-        (jid,) = self.eng.store().enqueue_agent_jobs(
-            [P.AgentJobSpec("www", pl.id, dict(pl.agent or {}), job)]
-        )
-        return jid
+        return enqueue(self.eng)
 
     def job_states(self) -> list[str]:
         return [j.state for j in self.eng.store().agent_jobs(certificate="www")]
-
-
-class Agent:
-    def __init__(self, client: httpx.Client) -> None:
-        self.client = client
-        self.key = ed25519.Ed25519PrivateKey.generate()
-        self.id = ""
-
-    def headers(self, method: str, path: str, body: bytes, at: float | None = None) -> Any:
-        return P.sign_request(self.key, self.id, method, path, body, at or time.time())
-
-    def send(self, method: str, path: str, doc: Any = None, timeout: float = 30) -> Any:
-        body = b"" if doc is None else json.dumps(doc).encode()
-        headers = self.headers(method, path, body)
-        return self.client.request(method, path, headers=headers, content=body, timeout=timeout)
 
 
 def _service(app: Any) -> Any:
@@ -104,20 +71,7 @@ def _service(app: Any) -> Any:
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
-    inv = tmp_path / "inv"
-    inv.mkdir()
-    (inv / "main.yaml").write_text(
-        f"""
-defaults: {{issuer: ca}}
-issuers: {{ca: {{type: local_ca, root: {{common_name: Hostile CA}}}}}}
-hosts: {{h: {{agent: edge1}}}}
-targets:
-  t: {{type: file, hosts: h, root: {tmp_path}/out, cert_path: c.pem, key_path: c.key}}
-certificates:
-  www: {{common_name: www.hostile.test, targets: [t]}}
-""",
-        encoding="utf-8",
-    )
+    inv = write_inventory(tmp_path, "Hostile CA", "www.hostile.test")
     skew = [0.0]
 
     def clock() -> datetime:
@@ -127,11 +81,7 @@ certificates:
     eng.store().create_agent_token("t", hash_token(TOKEN), expires_at=None, uses=None)
     settings = AgentServerSettings(offline_after=0)
     application, _ = build_app(eng, ServerSettings(), settings)
-    port = _free_port()
-    with (
-        ThreadedServer(application, port),
-        httpx.Client(base_url=f"http://127.0.0.1:{port}") as client,
-    ):
+    with serving(application) as (client, port):
         yield Env(client, eng, port, skew, _service(application))
     eng.close()
 
@@ -185,8 +135,9 @@ def test_a_request_dated_ahead_cannot_be_replayed_after_the_nonce_window(env: En
     assert late.status_code == 401 and "clock" in late.json()["error"]
 
 
-def test_a_revoked_agents_waiting_long_poll_is_handed_no_job(env: Env) -> None:
-    agent = env.enroll()
+def _waiting_poll(env: Env, agent: Agent) -> tuple[threading.Thread, list[httpx.Response]]:
+    """``agent``'s long poll for work, started in a thread and waiting on the server;
+    its answer is appended to the list."""
     answer: list[httpx.Response] = []
     poll = threading.Thread(
         target=lambda: answer.append(agent.send("GET", f"{P.WORK_PATH}?wait=20", timeout=60))
@@ -196,6 +147,12 @@ def test_a_revoked_agents_waiting_long_poll_is_handed_no_job(env: Env) -> None:
     while agent.id not in env.service._waiters:  # the poll is waiting
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    return poll, answer
+
+
+def test_a_revoked_agents_waiting_long_poll_is_handed_no_job(env: Env) -> None:
+    agent = env.enroll()
+    poll, answer = _waiting_poll(env, agent)
     assert env.eng.store().revoke_agent("edge1", utcnow())
     deadline = time.monotonic() + 60
     while agent.send("POST", P.HEARTBEAT_PATH, {"facts": FACTS}).status_code != 403:
@@ -495,15 +452,7 @@ def test_a_waiting_poll_of_an_agent_missing_from_the_cache_looks_it_up(env: Env)
     query ran before the enrollment committed): its waiting poll looks it up again and
     carries on -- a 403 would stop a healthy agent for good."""
     agent = env.enroll()
-    answer: list[httpx.Response] = []
-    poll = threading.Thread(
-        target=lambda: answer.append(agent.send("GET", f"{P.WORK_PATH}?wait=20", timeout=60))
-    )
-    poll.start()
-    deadline = time.monotonic() + 30
-    while agent.id not in env.service._waiters:  # the poll is waiting
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    poll, answer = _waiting_poll(env, agent)
     env.service._agents.pop(agent.id)  # what that race leaves behind
     env.enqueue()
     poll.join(60)

@@ -4,8 +4,6 @@ the retry backoff set to zero so attempts follow each other."""
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from certctl.agent import protocol as P
 from certctl.agent.admin_commands import hash_token
@@ -22,65 +20,27 @@ from certctl.agent.service import AgentServerSettings
 from certctl.engine import Engine
 from certctl.server.app import ServerSettings
 from certctl.server.build import build_app
-from tests.integration.test_agent_server import _free_port, make_csr
-from tests.integration.test_server import ThreadedServer
+from tests.integration.agent_server_support import (
+    Agent,
+    enqueue,
+    enroll,
+    serving,
+    write_inventory,
+)
+from tests.integration.test_agent_server import make_csr
 
 FACTS = {"hostname": "j", "os": "linux", "arch": "x86_64", "version": "t", "ip": "1.1.1.1"}
 
 
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[tuple[httpx.Client, Engine]]:
-    inv = tmp_path / "inv"
-    inv.mkdir()
-    (inv / "main.yaml").write_text(
-        f"""
-defaults: {{issuer: ca}}
-issuers: {{ca: {{type: local_ca, root: {{common_name: Jobs CA}}}}}}
-hosts: {{h: {{agent: edge1}}}}
-targets:
-  t: {{type: file, hosts: h, root: {tmp_path}/out, cert_path: c.pem, key_path: c.key}}
-certificates:
-  www: {{common_name: www.jobs.test, targets: [t]}}
-""",
-        encoding="utf-8",
-    )
+    inv = write_inventory(tmp_path, "Jobs CA", "www.jobs.test")
     eng = Engine(inventory_path=inv)
     settings = AgentServerSettings(backoff_base_s=0, max_attempts=3, offline_after=0)
     application, _ = build_app(eng, ServerSettings(), settings)
-    port = _free_port()
-    with (
-        ThreadedServer(application, port),
-        httpx.Client(base_url=f"http://127.0.0.1:{port}") as client,
-    ):
+    with serving(application) as (client, _):
         yield client, eng
     eng.close()
-
-
-class Agent:
-    def __init__(self, client: httpx.Client) -> None:
-        self.client = client
-        self.key = ed25519.Ed25519PrivateKey.generate()
-        self.id = ""
-
-    def send(self, method: str, path: str, doc: Any = None) -> Any:
-        body = b"" if doc is None else json.dumps(doc).encode()
-        headers = P.sign_request(self.key, self.id, method, path, body, time.time())
-        return self.client.request(method, path, headers=headers, content=body, timeout=30)
-
-
-def _enqueue(eng: Engine) -> str:
-    cert = eng.inventory().certificates["www"]
-    (pl,) = cert.placements
-    job = {
-        "key": P.key_body(cert.key),
-        "names": {"common_name": cert.common_name, "dns": list(cert.names), "ip": []},
-        "target": {"type": pl.type, "config": dict(pl.config)},
-        "version_hint": None,
-    }
-    (jid,) = eng.store().enqueue_agent_jobs(
-        [P.AgentJobSpec("www", pl.id, dict(pl.agent or {}), job)]
-    )
-    return jid
 
 
 def _wait_job(agent: Agent, wait: int = 5) -> dict[str, Any]:
@@ -94,23 +54,11 @@ def test_failures_retry_then_dead_and_key_lost_restarts(app: tuple[httpx.Client,
     client, eng = app
     token = "cctla_" + "x" * 43
     eng.store().create_agent_token("t", hash_token(token), expires_at=None, uses=None)
-    agent = Agent(client)
-    r = client.post(
-        P.ENROLL_PATH,
-        json={
-            "token": token,
-            "name": "edge1",
-            "public_key": P.encode_public_key(agent.key),
-            "labels": {},
-            "facts": FACTS,
-        },
-    )
-    assert r.status_code == 201, r.text
-    agent.id = r.json()["agent_id"]
+    agent = enroll(client, token, FACTS, "edge1")
     assert agent.send("GET", f"{P.WORK_PATH}?wait=61").status_code == 400
     assert agent.send("GET", f"{P.WORK_PATH}?wait=x").status_code == 400
 
-    jid = _enqueue(eng)
+    jid = enqueue(eng)
     job = _wait_job(agent)
     assert (job["id"], job["attempt"], job["phase"]) == (jid, 1, "csr")
     csr, key = make_csr(["www.jobs.test"], ec.generate_private_key(ec.SECP256R1()))

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from cryptography import x509
 
 from certctl.engine import Engine
 from certctl.errors import LockedError
@@ -21,6 +20,7 @@ from certctl.state.base import Batch, CertUpdate
 from certctl.workers import applyjobs
 from certctl.workers.queue import Job, JobQueue, Outcome
 from tests.e2e.conftest import BASE, certs_yaml
+from tests.e2e.worker_support import assert_issued_by_stored_ca
 
 
 @pytest.fixture
@@ -62,6 +62,17 @@ def engines(inv: Path, url: str) -> Iterator[Callable[[], Engine]]:
 def _claim(url: str, worker: str) -> tuple[JobQueue, list[Job]]:
     q = JobQueue(url, worker)
     return q, q.claim(["apply"], 100, 60)
+
+
+def _run_as_w1(inv: Path, url: str) -> dict[str, Outcome]:
+    """Worker w1 claims the apply jobs and runs them: each outcome by certificate."""
+    handler = applyjobs.ApplyHandler(inv, url, holder="w1")
+    q, jobs = _claim(url, "w1")
+    try:
+        return {str(o.job.payload["cert"]): o for o in handler.run(jobs)}
+    finally:
+        handler.close()
+        q.close()
 
 
 def test_plain_apply_fails_fast_while_a_worker_runs_a_batch(
@@ -176,13 +187,7 @@ def test_a_job_whose_certificate_now_needs_more_is_stale(
         ),
         encoding="utf-8",
     )
-    handler = applyjobs.ApplyHandler(inv, url, holder="w1")
-    q, jobs = _claim(url, "w1")
-    try:
-        outcomes: dict[str, Outcome] = {str(o.job.payload["cert"]): o for o in handler.run(jobs)}
-    finally:
-        handler.close()
-        q.close()
+    outcomes = _run_as_w1(inv, url)
     assert outcomes["c0"].status == "done"
     assert outcomes["c1"].status == "failed"
     assert "stale" in (outcomes["c1"].error or "")
@@ -190,9 +195,9 @@ def test_a_job_whose_certificate_now_needs_more_is_stale(
     assert not (inv / "out" / "files" / "c1").exists()  # nothing done for the stale job
 
 
-def test_two_workers_on_a_fresh_ca_create_it_once(url: str, tmp_path: Path) -> None:
-    """The CA is made on first use; two workers issuing at the same moment must not
-    each make their own (a slow RSA-4096 root widens the window)."""
+def _slow_ca_submitted(tmp_path: Path, url: str, certs: int) -> Path:
+    """An inventory of ``certs`` certificates (c0, c1, ...) from a CA not made yet,
+    with a slow RSA-4096 root, submitted as apply jobs; its directory."""
     root = tmp_path / "slowca"
     root.mkdir()
     (root / "base.yaml").write_text(
@@ -203,7 +208,9 @@ def test_two_workers_on_a_fresh_ca_create_it_once(url: str, tmp_path: Path) -> N
         encoding="utf-8",
     )
     (root / "certs.yaml").write_text(
-        certs_yaml({f"c{i}": f"common_name: c{i}.e2e.test\ntargets: [files]" for i in range(2)}),
+        certs_yaml(
+            {f"c{i}": f"common_name: c{i}.e2e.test\ntargets: [files]" for i in range(certs)}
+        ),
         encoding="utf-8",
     )
     eng = Engine(inventory_path=root, state_url=url)
@@ -211,6 +218,13 @@ def test_two_workers_on_a_fresh_ca_create_it_once(url: str, tmp_path: Path) -> N
         assert applyjobs.submit(eng, holder="submitter") is not None
     finally:
         eng.close()
+    return root
+
+
+def test_two_workers_on_a_fresh_ca_create_it_once(url: str, tmp_path: Path) -> None:
+    """The CA is made on first use; two workers issuing at the same moment must not
+    each make their own (a slow RSA-4096 root widens the window)."""
+    root = _slow_ca_submitted(tmp_path, url, 2)
     handlers = [applyjobs.ApplyHandler(root, url, holder=f"w{i}") for i in range(2)]
     claims = [JobQueue(url, f"w{i}") for i in range(2)]
     batches = [q.claim(["apply"], 1, 60) for q in claims]
@@ -234,15 +248,7 @@ def test_two_workers_on_a_fresh_ca_create_it_once(url: str, tmp_path: Path) -> N
         for q in claims:
             q.close()
     assert [o.status for r in results for o in r] == ["done", "done"]
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT value FROM issuer_vault WHERE issuer = 'ca' AND key = 'root/cert.pem'"
-        ).fetchone()
-    assert row is not None
-    ca = x509.load_pem_x509_certificate(bytes(row[0]))
-    for i in range(2):
-        leaf = (root / "out" / "files" / f"c{i}" / "cert.pem").read_bytes()
-        x509.load_pem_x509_certificate(leaf).verify_directly_issued_by(ca)
+    assert_issued_by_stored_ca(url, root / "out" / "files", 2)
 
 
 def test_a_job_whose_certificate_backs_off_fails_with_the_reason(
@@ -257,13 +263,7 @@ def test_a_job_whose_certificate_backs_off_fails_with_the_reason(
     eng.store().write(
         Batch(cert_updates=[CertUpdate("c1", failures=1, next_attempt_at=later, spec_digest=spec)])
     )
-    handler = applyjobs.ApplyHandler(inv, url, holder="w1")
-    q, jobs = _claim(url, "w1")
-    try:
-        outcomes = {str(o.job.payload["cert"]): o for o in handler.run(jobs)}
-    finally:
-        handler.close()
-        q.close()
+    outcomes = _run_as_w1(inv, url)
     assert outcomes["c0"].status == "done"
     assert outcomes["c1"].status == "failed"
     assert outcomes["c1"].result is not None and "held_back" in outcomes["c1"].result
@@ -277,24 +277,8 @@ def test_a_worker_whose_lease_expired_mid_apply_keeps_the_certificate_to_itself(
     expired in the table while it works); worker B reaps and claims the job. B must
     not act on c0 while A still does: it puts the job back untried, and c0 is issued
     once (one version, one CA signature)."""
-    root = tmp_path / "slowca"
-    root.mkdir()
     # A slow RSA-4096 root keeps A busy (inside the issuer section) long enough.
-    (root / "base.yaml").write_text(
-        BASE.replace(
-            "root: {common_name: E2E Root CA, key: {type: ecdsa, curve: P-256}, ttl: 3650d}",
-            "root: {common_name: E2E Root CA, key: {type: rsa, size: 4096}, ttl: 3650d}",
-        ),
-        encoding="utf-8",
-    )
-    (root / "certs.yaml").write_text(
-        certs_yaml({"c0": "common_name: c0.e2e.test\ntargets: [files]"}), encoding="utf-8"
-    )
-    eng = Engine(inventory_path=root, state_url=url)
-    try:
-        assert applyjobs.submit(eng, holder="submitter") is not None
-    finally:
-        eng.close()
+    root = _slow_ca_submitted(tmp_path, url, 1)
     qa, qb = JobQueue(url, "wA"), JobQueue(url, "wB")
     ha = applyjobs.ApplyHandler(root, url, holder="wA")
     hb = applyjobs.ApplyHandler(root, url, holder="wB")
